@@ -1,0 +1,134 @@
+"""The bridge between an ``nn.Module`` and ftrain's pure world.
+
+:func:`extract` takes a module's parameters and buffers out as plain detached
+tensors; :class:`ModuleApply` is the module's forward as a pure function of
+them; :func:`to_module` puts a state's tensors back into a real module for
+export or plain-PyTorch use.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+__all__ = ["ModuleApply", "extract", "to_meta", "to_module"]
+
+
+def extract(module: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Take ``(params, buffers)`` out of ``module`` as dicts keyed by dotted names.
+
+    The tensors are detached with ``requires_grad=False`` (a graph kept alive in a
+    state would chain step to step and leak memory). They share storage with the
+    module's tensors; :meth:`TrainState.create` then moves the module to ``meta``,
+    so the state holds the only copy. Tied parameters appear once.
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"expected a torch.nn.Module, got {type(module).__name__}")
+    params = {name: p.detach() for name, p in module.named_parameters()}
+    buffers = {name: b.detach() for name, b in module.named_buffers()}
+    for name, t in {**params, **buffers}.items():
+        if t.device.type == "meta":
+            raise ValueError(
+                f"{type(module).__name__}.{name} is on the meta device (no data); "
+                "build the model on a real device, or load its weights first"
+            )
+    return params, buffers
+
+
+def to_meta(module: nn.Module) -> nn.Module:
+    """Move ``module``'s tensors to the ``meta`` device in place, keeping tied tensors tied.
+
+    (``module.to("meta")`` unties them: it converts each owner's reference separately.)
+    """
+    fresh: dict[int, torch.Tensor] = {}
+    for sub in module.modules():
+        for slots, make in ((sub._parameters, _meta_param), (sub._buffers, _meta_tensor)):
+            for name, t in slots.items():
+                if t is not None:
+                    slots[name] = fresh.setdefault(id(t), make(t))
+    return module
+
+
+def _meta_tensor(t: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(t, device="meta")
+
+
+def _meta_param(p: torch.Tensor) -> torch.Tensor:
+    return nn.Parameter(_meta_tensor(p), requires_grad=p.requires_grad)
+
+
+class ModuleApply:
+    """A module's forward as a pure function: ``apply(params, buffers, *args, **kwargs)``.
+
+    Returns ``(output, new_buffers)``. The buffers passed in are never written:
+    they are cloned first, so BatchNorm's running statistics come out as new
+    tensors. The module itself is kept on the ``meta`` device as a skeleton.
+    Two applies compare equal when they wrap the same architecture, so states
+    of separately built copies of a model share one tree structure (and can be
+    stacked for ``vmap``).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> net = nn.Linear(2, 1)
+        >>> params, buffers = extract(net)
+        >>> apply = ModuleApply(net)
+        >>> out, new_buffers = apply(params, buffers, torch.ones(1, 2))
+        >>> out.shape
+        torch.Size([1, 1])
+    """
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+        self._signature = (type(module), repr(module))
+
+    def __call__(self, params: dict, buffers: dict, *args: Any, **kwargs: Any) -> tuple[Any, dict]:
+        new_buffers = {name: b.clone() for name, b in buffers.items()}
+        out = functional_call(self.module, (params, new_buffers), args, kwargs)
+        return out, new_buffers
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ModuleApply) and self._signature == other._signature
+
+    def __hash__(self) -> int:
+        return hash(self._signature)
+
+    def __repr__(self) -> str:
+        return f"ModuleApply({type(self.module).__name__})"
+
+
+def to_module(apply: ModuleApply, params: dict, buffers: dict) -> nn.Module:
+    """A fresh real module holding ``params`` and ``buffers`` (cloned; the state is untouched).
+
+    Use it to export a trained state (``torch.export``, ONNX) or to run it as a
+    plain PyTorch module.
+    """
+    if not isinstance(apply, ModuleApply):
+        raise TypeError(f"to_module needs a state whose apply_fn is a ModuleApply, got {type(apply).__name__}")
+    module = copy.deepcopy(apply.module)
+    expected = {n for n, _ in module.named_parameters()} | {n for n, _ in module.named_buffers()}
+    given = set(params) | set(buffers)
+    if expected != given:
+        raise ValueError(
+            f"the state's tensors do not match {type(module).__name__}: missing {sorted(expected - given)}, "
+            f"unexpected {sorted(given - expected)}"
+        )
+    # Rebuild by identity so that tied tensors (one Parameter under two names) stay tied.
+    fresh = {id(p): nn.Parameter(params[n].detach().clone()) for n, p in module.named_parameters()}
+    fresh.update({id(b): buffers[n].detach().clone() for n, b in module.named_buffers()})
+    for name, p in module.named_parameters(remove_duplicate=False):
+        owner, attr = _owner(module, name)
+        owner._parameters[attr] = fresh[id(p)]
+    for name, b in module.named_buffers(remove_duplicate=False):
+        owner, attr = _owner(module, name)
+        owner._buffers[attr] = fresh[id(b)]
+    return module
+
+
+def _owner(module: nn.Module, name: str) -> tuple[nn.Module, str]:
+    prefix, _, attr = name.rpartition(".")
+    return (module.get_submodule(prefix) if prefix else module), attr

@@ -1,0 +1,233 @@
+"""Pytree helpers in ftrain's own namespace, built on optree.
+
+A pytree is any nesting of dicts, lists, tuples, NamedTuples, ``None`` and
+registered nodes (such as :class:`ftrain.TrainState`) whose leaves are tensors
+or Python scalars. Every function here uses optree with ftrain's registry
+namespace, so ftrain's own node types flatten without extra arguments.
+
+Errors name the path of the offending leaf, e.g. ``params['fc.weight']``.
+
+Example:
+    >>> import torch
+    >>> from ftrain import tree
+    >>> t = {"w": torch.ones(2), "b": torch.zeros(1)}
+    >>> tree.map(lambda x: x * 2, t)["w"]
+    tensor([2., 2.])
+    >>> float(tree.global_norm(t))
+    1.4142135381698608
+"""
+
+from __future__ import annotations
+
+import builtins
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import optree
+import torch
+
+NAMESPACE = "ftrain"
+"""The optree registry namespace ftrain registers its node types in."""
+
+PyTree = Any
+
+__all__ = [
+    "NAMESPACE",
+    "allclose",
+    "assert_same_structure",
+    "cast",
+    "equal",
+    "flatten",
+    "flatten_with_path",
+    "full_like",
+    "global_norm",
+    "leaves",
+    "map",
+    "map_with_path",
+    "ones_like",
+    "register_node",
+    "stack",
+    "structure",
+    "unflatten",
+    "unstack",
+    "zeros_like",
+]
+
+
+def register_node(cls: type, flatten_func: Callable, unflatten_func: Callable) -> type:
+    """Register ``cls`` as a pytree node in ftrain's optree namespace.
+
+    ``flatten_func(obj)`` returns ``(children, metadata, entries)``;
+    ``unflatten_func(metadata, children)`` rebuilds the object.
+    """
+    return optree.register_pytree_node(
+        cls, flatten_func, unflatten_func, path_entry_type=optree.GetAttrEntry, namespace=NAMESPACE
+    )
+
+
+def leaves(tree: PyTree) -> list[Any]:
+    """The leaves of ``tree`` in flattening order."""
+    return optree.tree_leaves(tree, namespace=NAMESPACE)
+
+
+def structure(tree: PyTree) -> optree.PyTreeSpec:
+    """The tree structure of ``tree`` (an optree ``PyTreeSpec``)."""
+    return optree.tree_structure(tree, namespace=NAMESPACE)
+
+
+def flatten(tree: PyTree) -> tuple[list[Any], optree.PyTreeSpec]:
+    """``(leaves, treespec)`` of ``tree``; :func:`unflatten` inverts it."""
+    return optree.tree_flatten(tree, namespace=NAMESPACE)
+
+
+def unflatten(treespec: optree.PyTreeSpec, leaves: Sequence[Any]) -> PyTree:
+    """Rebuild a tree from ``treespec`` and ``leaves``."""
+    return optree.tree_unflatten(treespec, leaves)
+
+
+def flatten_with_path(tree: PyTree) -> tuple[list[str], list[Any], optree.PyTreeSpec]:
+    """``(paths, leaves, treespec)``; each path is a readable string such as ``params['fc.weight']``."""
+    accessors, leaves_, spec = optree.tree_flatten_with_accessor(tree, namespace=NAMESPACE)
+    return [_path_str(a) for a in accessors], leaves_, spec
+
+
+def _path_str(accessor: optree.PyTreeAccessor) -> str:
+    return accessor.codify("").lstrip(".") or "<root>"
+
+
+def map(fn: Callable[..., Any], tree: PyTree, *rest: PyTree, is_leaf: Callable | None = None) -> PyTree:
+    """Apply ``fn`` to every leaf of ``tree`` (and the matching leaves of ``rest``).
+
+    All trees must have the same structure; otherwise :class:`ValueError` names the
+    first path where they differ.
+
+    >>> map(lambda a, b: a + b, {"x": 1}, {"x": 2})
+    {'x': 3}
+    """
+    if rest:
+        assert_same_structure(tree, *rest)
+    return optree.tree_map(fn, tree, *rest, is_leaf=is_leaf, namespace=NAMESPACE)
+
+
+def map_with_path(fn: Callable[..., Any], tree: PyTree, *rest: PyTree) -> PyTree:
+    """Like :func:`map`, but ``fn(path, leaf, *others)`` also receives the leaf's path string.
+
+    >>> map_with_path(lambda p, x: p, {"a": 1})
+    {'a': "['a']"}
+    """
+    if rest:
+        assert_same_structure(tree, *rest)
+    paths, leaves_, spec = flatten_with_path(tree)
+    others = [spec.flatten_up_to(r) for r in rest]
+    return unflatten(spec, [fn(p, x, *(o[i] for o in others)) for i, (p, x) in enumerate(zip(paths, leaves_))])
+
+
+def assert_same_structure(tree: PyTree, *others: PyTree, names: Sequence[str] | None = None) -> None:
+    """Raise :class:`ValueError` naming the differing paths if the trees' structures differ.
+
+    ``names`` labels the trees in the message (default ``"tree 0"``, ``"tree 1"``, ...).
+    """
+    names = list(names) if names is not None else [f"tree {i}" for i in range(len(others) + 1)]
+    spec = structure(tree)
+    for i, other in enumerate(others, start=1):
+        other_spec = structure(other)
+        if other_spec == spec:
+            continue
+        ref_paths = set(flatten_with_path(tree)[0])
+        paths = set(flatten_with_path(other)[0])
+        missing = sorted(ref_paths - paths)
+        unexpected = sorted(paths - ref_paths)
+        detail = []
+        if missing:
+            detail.append(f"missing in {names[i]}: {_short(missing)}")
+        if unexpected:
+            detail.append(f"unexpected in {names[i]}: {_short(unexpected)}")
+        if not detail:
+            detail.append(f"same leaf paths but different node types:\n  {names[0]}: {spec}\n  {names[i]}: {other_spec}")
+        raise ValueError(f"{names[0]} and {names[i]} have different tree structures; " + "; ".join(detail))
+
+
+def _short(paths: list[str], limit: int = 10) -> str:
+    shown = ", ".join(paths[:limit])
+    return shown + (f" and {len(paths) - limit} more" if len(paths) > limit else "")
+
+
+def zeros_like(tree: PyTree) -> PyTree:
+    """A tree of zero tensors shaped and typed like ``tree``'s leaves."""
+    return map(torch.zeros_like, tree)
+
+
+def ones_like(tree: PyTree) -> PyTree:
+    """A tree of one-filled tensors shaped and typed like ``tree``'s leaves."""
+    return map(torch.ones_like, tree)
+
+
+def full_like(tree: PyTree, value: float) -> PyTree:
+    """A tree of tensors filled with ``value``, shaped and typed like ``tree``'s leaves."""
+    return map(lambda x: torch.full_like(x, value), tree)
+
+
+def global_norm(tree: PyTree) -> torch.Tensor:
+    """The L2 norm of all leaves taken together, as a 0-d tensor (no host sync).
+
+    Equals ``torch.nn.utils.get_total_norm`` over the same tensors.
+    """
+    leaves_ = leaves(tree)
+    if not leaves_:
+        return torch.tensor(0.0)
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(x) for x in leaves_]))
+
+
+def cast(tree: PyTree, dtype: torch.dtype) -> PyTree:
+    """Cast the floating-point leaves of ``tree`` to ``dtype``; other leaves pass through."""
+    return map(lambda x: x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x, tree)
+
+
+def stack(trees: Sequence[PyTree]) -> PyTree:
+    """Stack a list of same-structured trees leaf by leaf along a new leading dim.
+
+    The result feeds ``torch.func.vmap``; :func:`unstack` inverts it.
+
+    >>> stack([{"a": torch.tensor(1)}, {"a": torch.tensor(2)}])
+    {'a': tensor([1, 2])}
+    """
+    trees = list(trees)
+    if not trees:
+        raise ValueError("tree.stack needs at least one tree, got an empty sequence")
+    assert_same_structure(*trees, names=[f"trees[{i}]" for i in range(len(trees))])
+    return optree.tree_map(lambda *xs: torch.stack(xs), *trees, namespace=NAMESPACE)
+
+
+def unstack(tree: PyTree) -> list[PyTree]:
+    """Split a stacked tree along its leading dim into a list of trees."""
+    paths, leaves_, spec = flatten_with_path(tree)
+    if not leaves_:
+        raise ValueError("tree.unstack needs a tree with at least one tensor leaf")
+    sizes = {p: x.shape[0] if isinstance(x, torch.Tensor) and x.dim() else None for p, x in zip(paths, leaves_)}
+    if len(set(sizes.values())) != 1 or None in sizes.values():
+        raise ValueError(f"tree.unstack needs every leaf to share one leading dim; got leading sizes {sizes}")
+    n = next(iter(sizes.values()))
+    return [unflatten(spec, [x[i] for x in leaves_]) for i in builtins.range(n)]
+
+
+def equal(a: PyTree, b: PyTree) -> bool:
+    """True if both trees have the same structure and bitwise-equal leaves (same dtype and shape)."""
+    if structure(a) != structure(b):
+        return False
+    return all(_leaf_equal(x, y) for x, y in zip(leaves(a), leaves(b)))
+
+
+def _leaf_equal(x: Any, y: Any) -> bool:
+    if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor):
+        return x.dtype == y.dtype and x.shape == y.shape and bool(torch.equal(x, y))
+    return type(x) is type(y) and x == y
+
+
+def allclose(a: PyTree, b: PyTree, rtol: float = 1e-5, atol: float = 1e-8) -> bool:
+    """True if both trees have the same structure and every pair of leaves is close (``torch.allclose``)."""
+    if structure(a) != structure(b):
+        return False
+    return all(
+        torch.allclose(torch.as_tensor(x).double(), torch.as_tensor(y).double(), rtol=rtol, atol=atol)
+        for x, y in zip(leaves(a), leaves(b))
+    )
