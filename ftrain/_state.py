@@ -106,7 +106,11 @@ class TrainState:
         if key is None:
             key = random.key(0)
         elif not (isinstance(key, torch.Tensor) and key.dtype == torch.int64 and key.shape == (2,)):
-            got = f"a tensor of shape {tuple(key.shape)} and dtype {key.dtype}" if isinstance(key, torch.Tensor) else repr(key)
+            got = (
+                f"a tensor of shape {tuple(key.shape)} and dtype {key.dtype}"
+                if isinstance(key, torch.Tensor)
+                else repr(key)
+            )
             raise TypeError(f"TrainState.create: key must be made by ftrain.random.key(seed), got {got}")
         device = next(iter(params.values())).device
         to_meta(model)

@@ -64,7 +64,9 @@ def is_key(obj: object) -> bool:
 def _check_key(k: object, fn: str) -> torch.Tensor:
     if not (isinstance(k, torch.Tensor) and k.dtype == torch.int64 and k.shape == (2,)):
         got = f"tensor of shape {tuple(k.shape)} and dtype {k.dtype}" if isinstance(k, torch.Tensor) else repr(k)
-        raise TypeError(f"random.{fn} expects a key made by ftrain.random.key(seed) (int64 tensor of shape (2,)), got {got}")
+        raise TypeError(
+            f"random.{fn} expects a key made by ftrain.random.key(seed) (int64 tensor of shape (2,)), got {got}"
+        )
     return k
 
 
@@ -86,7 +88,9 @@ def fold_in(k: torch.Tensor, data: int | torch.Tensor) -> torch.Tensor:
     _check_key(k, "fold_in")
     if isinstance(data, torch.Tensor):
         if data.dtype.is_floating_point or data.dtype.is_complex or data.numel() != 1:
-            raise TypeError(f"random.fold_in expects an integer scalar, got a tensor of shape {tuple(data.shape)} and dtype {data.dtype}")
+            raise TypeError(
+                f"random.fold_in expects an integer scalar, got a tensor of shape {tuple(data.shape)} and dtype {data.dtype}"
+            )
         d = data.reshape(()).to(torch.int64).to(k.device) & _MASK32
     elif isinstance(data, int) and not isinstance(data, bool):
         d = torch.tensor(data & _MASK32, dtype=torch.int64, device=k.device)
@@ -121,7 +125,10 @@ def uniform(
 
 
 def normal(
-    k: torch.Tensor, shape: Sequence[int] = (), dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
+    k: torch.Tensor,
+    shape: Sequence[int] = (),
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
 ) -> torch.Tensor:
     """Standard normal floats (Box-Muller over two independent uniform draws)."""
     k1, k2 = split(k)

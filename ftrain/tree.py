@@ -143,7 +143,9 @@ def assert_same_structure(tree: PyTree, *others: PyTree, names: Sequence[str] | 
         if unexpected:
             detail.append(f"unexpected in {names[i]}: {_short(unexpected)}")
         if not detail:
-            detail.append(f"same leaf paths but different node types:\n  {names[0]}: {spec}\n  {names[i]}: {other_spec}")
+            detail.append(
+                f"same leaf paths but different node types:\n  {names[0]}: {spec}\n  {names[i]}: {other_spec}"
+            )
         raise ValueError(f"{names[0]} and {names[i]} have different tree structures; " + "; ".join(detail))
 
 
