@@ -15,6 +15,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from ._dropout import KeyedRandomness
+
 __all__ = ["ModuleApply", "extract", "to_meta", "to_module"]
 
 
@@ -86,9 +88,18 @@ class ModuleApply:
         self.module = module
         self._signature = (type(module), repr(module))
 
-    def __call__(self, params: dict, buffers: dict, *args: Any, **kwargs: Any) -> tuple[Any, dict]:
+    def __call__(
+        self, params: dict, buffers: dict, *args: Any, key: torch.Tensor | None = None, **kwargs: Any
+    ) -> tuple[Any, dict]:
+        """Run the forward; with ``key`` (an :mod:`ftrain.random` key) dropout draws its masks from it.
+
+        Without ``key`` dropout uses torch's global RNG, as the plain module would.
+        """
         new_buffers = {name: b.clone() for name, b in buffers.items()}
-        out = functional_call(self.module, (params, new_buffers), args, kwargs)
+        if key is None:
+            return functional_call(self.module, (params, new_buffers), args, kwargs), new_buffers
+        with KeyedRandomness(key):  # reroutes dropout to key-driven masks
+            out = functional_call(self.module, (params, new_buffers), args, kwargs)
         return out, new_buffers
 
     def __eq__(self, other: object) -> bool:
