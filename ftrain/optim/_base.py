@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import torch
+
 from .. import tree
 
 PyTree = Any
@@ -77,3 +79,74 @@ def apply_updates(params: PyTree, updates: PyTree) -> PyTree:
     """
     tree.assert_same_structure(params, updates, names=["params", "updates"])
     return tree.map(lambda p, u: (p + u).to(p.dtype), params, updates)
+
+
+# --- shared helpers for the building blocks -------------------------------------------------
+
+Schedule = Callable[[torch.Tensor], torch.Tensor]
+"""A function of the step count (a 0-d int64 tensor) returning a 0-d tensor; see :mod:`ftrain.schedules`."""
+
+ScalarOrSchedule = float | torch.Tensor | Schedule
+
+SCALAR_DTYPE = torch.float64
+"""Dtype for scalar bookkeeping (bias corrections, schedule values): float64 so the
+numbers match torch.optim's Python-float arithmetic; cast to each leaf's dtype on use."""
+
+
+def is_tensor_hyperparam(value: Any) -> bool:
+    """True for a tensor hyperparameter (set by ``inject_hyperparams``): it cannot be checked without a host sync."""
+    return isinstance(value, torch.Tensor)
+
+
+def check_hyperparam(
+    owner: str,
+    name: str,
+    value: Any,
+    *,
+    low: float = 0.0,
+    high: float | None = None,
+    high_open: bool = False,
+    low_open: bool = False,
+) -> None:
+    """Raise a clear ``ValueError`` if a Python-number hyperparameter is out of range.
+
+    Tensors (injected hyperparameters) and schedules are not checked: reading them would
+    sync the host; their initial values were checked when the optimizer was built.
+    """
+    if is_tensor_hyperparam(value) or callable(value):
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{owner}: {name} must be a float (or a tensor/schedule), got {value!r}")
+    bad_low = value <= low if low_open else value < low
+    bad_high = high is not None and (value >= high if high_open else value > high)
+    if bad_low or bad_high:
+        lo = "(" if low_open else "["
+        hi = ")" if high_open else "]"
+        rng = f"{lo}{low}, {high if high is not None else 'inf'}{hi}"
+        raise ValueError(f"{owner}: {name} must be in {rng}, got {value!r}")
+
+
+def cast_like(value: Any, like: torch.Tensor) -> Any:
+    """``value`` as a scalar usable with leaf ``like``: tensors are cast to its dtype, floats pass through."""
+    if isinstance(value, torch.Tensor) and value.dtype != like.dtype:
+        return value.to(like.dtype)
+    return value
+
+
+def params_device(params: PyTree) -> torch.device:
+    """The device of the first tensor leaf of ``params`` (CPU for an empty tree)."""
+    for leaf in tree.leaves(params):
+        if isinstance(leaf, torch.Tensor):
+            return leaf.device
+    return torch.device("cpu")
+
+
+def zero_count(params: PyTree) -> torch.Tensor:
+    """A fresh step count: a 0-d int64 tensor on the params' device (a tensor, so it never recompiles)."""
+    return torch.zeros((), dtype=torch.int64, device=params_device(params))
+
+
+def need_params(owner: str, params: PyTree) -> None:
+    """Raise if a transform that reads the params was called without them."""
+    if params is None:
+        raise ValueError(f"{owner} needs the current params: call tx.update(grads, opt_state, params)")

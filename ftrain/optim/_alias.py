@@ -1,0 +1,343 @@
+"""Named optimizers: each is only a :func:`chain` of building blocks, no new math.
+
+Argument names follow optax (``learning_rate``, ``b1``, ``b2``, ``eps``, ``weight_decay``,
+``momentum``, ``nesterov``, ``mask``); defaults and numbers follow the matching ``torch.optim``
+class, so a float64 run equals torch's to rounding. ``learning_rate`` accepts a float or a
+schedule (a function of the step count, see :mod:`ftrain.schedules`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ._base import GradientTransformation, ScalarOrSchedule, chain, check_hyperparam
+from ._transform import (
+    add_decayed_weights,
+    scale,
+    scale_by_adam,
+    scale_by_learning_rate,
+    scale_by_lion,
+    scale_by_nadam,
+    scale_by_radam,
+    scale_by_rms,
+    scale_by_rss,
+    trace,
+)
+
+__all__ = ["adagrad", "adam", "adamw", "lion", "nadam", "radam", "rmsprop", "sgd"]
+
+
+def _is_zero(value: Any) -> bool:
+    # A tensor (an injected hyperparameter) always keeps its block: its value may change later,
+    # and the optimizer's structure must not depend on a value that lives on the device.
+    if value is None:
+        return True
+    if isinstance(value, torch.Tensor):
+        return False
+    return value == 0
+
+
+def _blocks(*maybe: GradientTransformation | None) -> GradientTransformation:
+    return chain(*(t for t in maybe if t is not None))
+
+
+def _maximize(flag: bool) -> GradientTransformation | None:
+    # torch.optim negates the gradient first, before weight decay is added.
+    return scale(-1.0) if flag else None
+
+
+def sgd(
+    learning_rate: ScalarOrSchedule,
+    momentum: float | torch.Tensor | None = None,
+    nesterov: bool = False,
+    *,
+    weight_decay: float | torch.Tensor = 0.0,
+    maximize: bool = False,
+) -> GradientTransformation:
+    """Stochastic gradient descent, as ``torch.optim.SGD(lr, momentum, nesterov=, weight_decay=, maximize=)``.
+
+    Update rule (``g`` the gradient, ``b`` the momentum buffer, starting at 0)::
+
+        g <- -g                           if maximize
+        g <- g + weight_decay * p
+        b <- momentum * b + g;  g <- b    (or g + momentum * b if nesterov)
+        p <- p - learning_rate * g
+
+    Chain: ``[scale(-1)], [add_decayed_weights], [trace], scale_by_learning_rate``.
+    (torch's ``dampening`` is not offered: it is 0 here.)
+
+    >>> import torch
+    >>> from ftrain import optim
+    >>> tx = optim.sgd(0.1, momentum=0.9)
+    >>> p = {"w": torch.ones(2)}
+    >>> u, s = tx.update({"w": torch.ones(2)}, tx.init(p), p)
+    >>> optim.apply_updates(p, u)["w"]
+    tensor([0.9000, 0.9000])
+    """
+    check_hyperparam("sgd", "learning_rate", learning_rate)
+    if nesterov and _is_zero(momentum):
+        raise ValueError("sgd: nesterov=True needs a momentum > 0 (as in torch.optim.SGD)")
+    return _blocks(
+        _maximize(maximize),
+        None if _is_zero(weight_decay) else add_decayed_weights(weight_decay),
+        None if _is_zero(momentum) else trace(momentum, nesterov),
+        scale_by_learning_rate(learning_rate),
+    )
+
+
+def adam(
+    learning_rate: ScalarOrSchedule,
+    b1: float | torch.Tensor = 0.9,
+    b2: float | torch.Tensor = 0.999,
+    eps: float | torch.Tensor = 1e-8,
+    *,
+    weight_decay: float | torch.Tensor = 0.0,
+    amsgrad: bool = False,
+    maximize: bool = False,
+) -> GradientTransformation:
+    """Adam, as ``torch.optim.Adam(lr, betas=(b1, b2), eps, weight_decay, amsgrad, maximize)``.
+
+    Update rule (``t`` the 1-based step)::
+
+        g <- -g if maximize;  g <- g + weight_decay * p      (L2, coupled, as torch.optim.Adam)
+        m <- b1 m + (1 - b1) g;  v <- b2 v + (1 - b2) g^2;  (amsgrad: v_max <- max(v_max, v))
+        p <- p - learning_rate * (m / (1 - b1^t)) / (sqrt(v) / sqrt(1 - b2^t) + eps)
+
+    Chain: ``[scale(-1)], [add_decayed_weights], scale_by_adam, scale_by_learning_rate``.
+
+    >>> import torch
+    >>> from ftrain import optim
+    >>> tx = optim.adam(0.1)
+    >>> p = {"w": torch.zeros(2)}
+    >>> u, _ = tx.update({"w": torch.tensor([1.0, -1.0])}, tx.init(p), p)
+    >>> u["w"]
+    tensor([-0.1000,  0.1000])
+    """
+    check_hyperparam("adam", "learning_rate", learning_rate)
+    return _blocks(
+        _maximize(maximize),
+        None if _is_zero(weight_decay) else add_decayed_weights(weight_decay),
+        scale_by_adam(b1, b2, eps, amsgrad=amsgrad),
+        scale_by_learning_rate(learning_rate),
+    )
+
+
+def adamw(
+    learning_rate: ScalarOrSchedule,
+    b1: float | torch.Tensor = 0.9,
+    b2: float | torch.Tensor = 0.999,
+    eps: float | torch.Tensor = 1e-8,
+    weight_decay: float | torch.Tensor = 1e-2,
+    *,
+    mask: Any = None,
+    amsgrad: bool = False,
+    maximize: bool = False,
+) -> GradientTransformation:
+    """AdamW, as ``torch.optim.AdamW(lr, betas=(b1, b2), eps, weight_decay, amsgrad, maximize)``.
+
+    Decoupled weight decay (torch applies ``p *= 1 - lr * wd`` before the Adam step; the sum is
+    the same)::
+
+        g <- -g if maximize
+        m <- b1 m + (1 - b1) g;  v <- b2 v + (1 - b2) g^2
+        p <- p - learning_rate * ((m / (1 - b1^t)) / (sqrt(v) / sqrt(1 - b2^t) + eps) + weight_decay * p)
+
+    ``mask`` (bool tree or function of the params) limits the decay, e.g. to weight matrices.
+    Default ``weight_decay`` is torch's 0.01. Chain: ``[scale(-1)], scale_by_adam,
+    add_decayed_weights(weight_decay, mask), scale_by_learning_rate``.
+
+    >>> import torch
+    >>> from ftrain import optim
+    >>> tx = optim.adamw(0.1, weight_decay=0.5)
+    >>> p = {"w": torch.ones(1)}
+    >>> u, _ = tx.update({"w": torch.ones(1)}, tx.init(p), p)
+    >>> optim.apply_updates(p, u)["w"]     # 1 - 0.1 * (1 + 0.5 * 1)
+    tensor([0.8500])
+    """
+    check_hyperparam("adamw", "learning_rate", learning_rate)
+    return _blocks(
+        _maximize(maximize),
+        scale_by_adam(b1, b2, eps, amsgrad=amsgrad),
+        None if _is_zero(weight_decay) else add_decayed_weights(weight_decay, mask),
+        scale_by_learning_rate(learning_rate),
+    )
+
+
+def nadam(
+    learning_rate: ScalarOrSchedule,
+    b1: float | torch.Tensor = 0.9,
+    b2: float | torch.Tensor = 0.999,
+    eps: float | torch.Tensor = 1e-8,
+    *,
+    weight_decay: float | torch.Tensor = 0.0,
+    momentum_decay: float = 4e-3,
+    decoupled_weight_decay: bool = False,
+    maximize: bool = False,
+) -> GradientTransformation:
+    """NAdam, as ``torch.optim.NAdam(lr, betas=(b1, b2), eps, weight_decay, momentum_decay,
+    decoupled_weight_decay, maximize)``. The rule is in :func:`scale_by_nadam`; weight decay is
+    L2 (added to the gradient first) or, with ``decoupled_weight_decay``, AdamW-style.
+
+    >>> import torch
+    >>> from ftrain import optim
+    >>> tx = optim.nadam(1e-3)
+    >>> p = {"w": torch.zeros(1)}
+    >>> u, _ = tx.update({"w": torch.ones(1)}, tx.init(p), p)
+    >>> bool(u["w"] < 0)
+    True
+    """
+    check_hyperparam("nadam", "learning_rate", learning_rate)
+    decay = None if _is_zero(weight_decay) else add_decayed_weights(weight_decay)
+    return _blocks(
+        _maximize(maximize),
+        None if decoupled_weight_decay else decay,
+        scale_by_nadam(b1, b2, eps, momentum_decay=momentum_decay),
+        decay if decoupled_weight_decay else None,
+        scale_by_learning_rate(learning_rate),
+    )
+
+
+def radam(
+    learning_rate: ScalarOrSchedule,
+    b1: float | torch.Tensor = 0.9,
+    b2: float | torch.Tensor = 0.999,
+    eps: float | torch.Tensor = 1e-8,
+    *,
+    weight_decay: float | torch.Tensor = 0.0,
+    decoupled_weight_decay: bool = False,
+    maximize: bool = False,
+) -> GradientTransformation:
+    """RAdam, as ``torch.optim.RAdam(lr, betas=(b1, b2), eps, weight_decay, decoupled_weight_decay,
+    maximize)``. The rule is in :func:`scale_by_radam`.
+
+    >>> import torch
+    >>> from ftrain import optim
+    >>> tx = optim.radam(0.1)
+    >>> p = {"w": torch.zeros(1)}
+    >>> tx.update({"w": torch.ones(1)}, tx.init(p), p)[0]["w"]   # un-rectified first steps: -lr * m_hat
+    tensor([-0.1000])
+    """
+    check_hyperparam("radam", "learning_rate", learning_rate)
+    decay = None if _is_zero(weight_decay) else add_decayed_weights(weight_decay)
+    return _blocks(
+        _maximize(maximize),
+        None if decoupled_weight_decay else decay,
+        scale_by_radam(b1, b2, eps),
+        decay if decoupled_weight_decay else None,
+        scale_by_learning_rate(learning_rate),
+    )
+
+
+def rmsprop(
+    learning_rate: ScalarOrSchedule,
+    decay: float | torch.Tensor = 0.99,
+    eps: float | torch.Tensor = 1e-8,
+    *,
+    momentum: float | torch.Tensor | None = None,
+    centered: bool = False,
+    weight_decay: float | torch.Tensor = 0.0,
+    maximize: bool = False,
+) -> GradientTransformation:
+    """RMSprop, as ``torch.optim.RMSprop(lr, alpha=decay, eps, weight_decay, momentum, centered,
+    maximize)``::
+
+        g <- -g if maximize;  g <- g + weight_decay * p
+        v <- decay v + (1 - decay) g^2;   (centered: a <- decay a + (1 - decay) g; v~ = v - a^2)
+        d = g / (sqrt(v or v~) + eps)
+        b <- momentum b + d;  d <- b      (if momentum)
+        p <- p - learning_rate * d
+
+    Chain: ``[scale(-1)], [add_decayed_weights], scale_by_rms, [trace], scale_by_learning_rate``.
+
+    >>> import torch
+    >>> from ftrain import optim
+    >>> tx = optim.rmsprop(0.01, decay=0.0)
+    >>> p = {"w": torch.zeros(1)}
+    >>> tx.update({"w": torch.tensor([4.0])}, tx.init(p), p)[0]["w"]
+    tensor([-0.0100])
+    """
+    check_hyperparam("rmsprop", "learning_rate", learning_rate)
+    return _blocks(
+        _maximize(maximize),
+        None if _is_zero(weight_decay) else add_decayed_weights(weight_decay),
+        scale_by_rms(decay, eps, centered=centered),
+        None if _is_zero(momentum) else trace(momentum),
+        scale_by_learning_rate(learning_rate),
+    )
+
+
+def adagrad(
+    learning_rate: ScalarOrSchedule,
+    lr_decay: float | torch.Tensor = 0.0,
+    weight_decay: float | torch.Tensor = 0.0,
+    initial_accumulator_value: float = 0.0,
+    eps: float | torch.Tensor = 1e-10,
+    *,
+    maximize: bool = False,
+) -> GradientTransformation:
+    """Adagrad, as ``torch.optim.Adagrad(lr, lr_decay, weight_decay, initial_accumulator_value,
+    eps, maximize)`` (same argument order)::
+
+        g <- -g if maximize;  g <- g + weight_decay * p
+        s <- s + g^2                                      (s starts at initial_accumulator_value)
+        p <- p - learning_rate / (1 + (t - 1) lr_decay) * g / (sqrt(s) + eps)
+
+    Chain: ``[scale(-1)], [add_decayed_weights], scale_by_rss, scale_by_learning_rate`` (with
+    ``lr_decay`` the learning rate becomes a schedule of the step).
+
+    >>> import torch
+    >>> from ftrain import optim
+    >>> tx = optim.adagrad(0.5)
+    >>> p = {"w": torch.zeros(1)}
+    >>> tx.update({"w": torch.tensor([3.0])}, tx.init(p), p)[0]["w"]
+    tensor([-0.5000])
+    """
+    check_hyperparam("adagrad", "learning_rate", learning_rate)
+    check_hyperparam("adagrad", "lr_decay", lr_decay)
+    lr: ScalarOrSchedule = learning_rate
+    if not _is_zero(lr_decay):
+        base = learning_rate
+
+        def lr(count: torch.Tensor) -> torch.Tensor:
+            value = base(count) if callable(base) else base
+            return value / (1.0 + count.to(torch.float64) * lr_decay)
+
+    return _blocks(
+        _maximize(maximize),
+        None if _is_zero(weight_decay) else add_decayed_weights(weight_decay),
+        scale_by_rss(initial_accumulator_value, eps),
+        scale_by_learning_rate(lr),
+    )
+
+
+def lion(
+    learning_rate: ScalarOrSchedule,
+    b1: float | torch.Tensor = 0.9,
+    b2: float | torch.Tensor = 0.99,
+    weight_decay: float | torch.Tensor = 1e-3,
+    *,
+    mask: Any = None,
+) -> GradientTransformation:
+    """Lion (Chen et al., 2023; not in torch.optim), with optax's defaults::
+
+        p <- p - learning_rate * (sign(b1 m + (1 - b1) g) + weight_decay * p)
+        m <- b2 m + (1 - b2) g
+
+    Use a learning rate 3-10x smaller than AdamW's. Chain: ``scale_by_lion,
+    add_decayed_weights(weight_decay, mask), scale_by_learning_rate``.
+
+    >>> import torch
+    >>> from ftrain import optim
+    >>> tx = optim.lion(0.1, weight_decay=0.0)
+    >>> p = {"w": torch.zeros(2)}
+    >>> tx.update({"w": torch.tensor([0.2, -5.0])}, tx.init(p), p)[0]["w"]
+    tensor([-0.1000,  0.1000])
+    """
+    check_hyperparam("lion", "learning_rate", learning_rate)
+    return _blocks(
+        scale_by_lion(b1, b2),
+        None if _is_zero(weight_decay) else add_decayed_weights(weight_decay, mask),
+        scale_by_learning_rate(learning_rate),
+    )
