@@ -1,0 +1,267 @@
+"""Deterministic, resumable data loading.
+
+:class:`Loader` batches a map-style dataset (anything with ``__len__`` and
+``__getitem__``) in an order that is a pure function of ``(seed, epoch)``: the
+permutation comes from :mod:`ftrain.random`, never from the global RNG. Its
+position (epoch and next batch) is a small dict, :meth:`Loader.state_dict`,
+that the checkpoint stores beside the state, so a resumed run sees exactly the
+batches the uninterrupted run would have seen.
+
+Example:
+    >>> import torch
+    >>> from ftrain.data import Loader
+    >>> ds = torch.utils.data.TensorDataset(torch.arange(10.0))
+    >>> loader = Loader(ds, batch_size=4, seed=0)
+    >>> len(loader)
+    2
+    >>> first = [b[0].tolist() for b in loader]
+    >>> pos = loader.state_dict()
+    >>> pos
+    {'seed': 0, 'epoch': 1, 'batch': 0, 'size': 10}
+    >>> again = Loader(ds, batch_size=4, seed=0)
+    >>> again.load_state_dict({'seed': 0, 'epoch': 0, 'batch': 1, 'size': 10})
+    >>> [b[0].tolist() for b in again] == first[1:]
+    True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.utils.data
+
+from . import random
+
+__all__ = ["Loader", "epoch_order"]
+
+
+def epoch_order(size: int, seed: int, epoch: int, *, shuffle: bool = True) -> torch.Tensor:
+    """The order (int64 indices) in which an epoch visits a dataset of ``size`` items.
+
+    A pure function of ``(size, seed, epoch)``: a stable argsort of counter-based
+    random words from :mod:`ftrain.random`, so it is the same on every run,
+    machine and torch version, and it never reads or advances the global RNG.
+
+    >>> epoch_order(5, seed=0, epoch=0).tolist() == epoch_order(5, seed=0, epoch=0).tolist()
+    True
+    >>> epoch_order(4, seed=0, epoch=0, shuffle=False).tolist()
+    [0, 1, 2, 3]
+    """
+    if not shuffle:
+        return torch.arange(size, dtype=torch.int64)
+    k = random.fold_in(random.key(seed), epoch)
+    return torch.argsort(random.bits(k, (size,)), stable=True)
+
+
+class Loader:
+    """Batches of a map-style dataset in a resumable order fixed by ``(seed, epoch)``.
+
+    Each ``iter(loader)`` runs over the rest of the current epoch and then moves
+    the position to the next epoch, so ``for batch in loader`` is one epoch and
+    ``len(loader)`` is the number of batches in a full epoch.
+
+    ``batch_size`` is the *global* batch size. With ``world_size > 1`` every
+    rank gets its own contiguous slice (``batch_size // world_size`` items) of
+    each global batch, so the global batches do not depend on the number of
+    ranks and all ranks take the same number of steps.
+
+    ``num_workers > 0`` loads in ``torch.utils.data.DataLoader`` worker
+    processes (the batch order is still ours). Workers are seeded from
+    ``(seed, epoch, batch)``; a dataset that draws random augmentations should
+    derive them from the item index (e.g. ``ftrain.random.fold_in``) to stay
+    exactly reproducible across a resume.
+
+    Args:
+        dataset: has ``__len__`` and ``__getitem__(int)``.
+        batch_size: items per global batch.
+        shuffle: permute the items each epoch (else visit them in index order).
+        seed: the seed of the permutation.
+        drop_last: drop the last incomplete batch of an epoch (keeps shapes
+            fixed, so a compiled step does not recompile).
+        num_workers: ``DataLoader`` worker processes (0: load in this process).
+        rank, world_size: this process's slice of each global batch.
+        collate_fn: turns a list of items into a batch (default:
+            ``torch.utils.data.default_collate``).
+        pin_memory: pin batches for faster host-to-GPU copies.
+
+    Example:
+        >>> import torch
+        >>> ds = torch.utils.data.TensorDataset(torch.arange(8))
+        >>> [b[0].tolist() for b in Loader(ds, 4, shuffle=False, world_size=2, rank=1)]
+        [[2, 3], [6, 7]]
+    """
+
+    def __init__(
+        self,
+        dataset: Any,
+        batch_size: int,
+        *,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = True,
+        num_workers: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        collate_fn: Callable[[list[Any]], Any] | None = None,
+        pin_memory: bool = False,
+    ):
+        if not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
+            raise TypeError(
+                f"Loader needs a map-style dataset (with __len__ and __getitem__), got {type(dataset).__name__}; "
+                "wrap an iterable source in a list or a torch.utils.data.Dataset"
+            )
+        _check_int("batch_size", batch_size, low=1)
+        _check_int("seed", seed)
+        _check_int("num_workers", num_workers, low=0)
+        _check_int("world_size", world_size, low=1)
+        _check_int("rank", rank, low=0)
+        if rank >= world_size:
+            raise ValueError(f"Loader: rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
+        if batch_size % world_size:
+            raise ValueError(
+                f"Loader: batch_size is the global batch and must divide evenly among ranks, got "
+                f"batch_size={batch_size}, world_size={world_size}; use a multiple of {world_size}"
+            )
+        size = len(dataset)
+        if drop_last and size < batch_size:
+            raise ValueError(
+                f"Loader: the dataset has {size} items, fewer than batch_size={batch_size}, and drop_last=True "
+                "leaves no batch; lower batch_size or pass drop_last=False"
+            )
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.drop_last = drop_last
+        self.num_workers = num_workers
+        self.rank = rank
+        self.world_size = world_size
+        self.collate_fn = collate_fn if collate_fn is not None else torch.utils.data.default_collate
+        self.pin_memory = pin_memory
+        self._size = size
+        self._epoch = 0
+        self._batch = 0
+
+    def __len__(self) -> int:
+        """Batches in one full epoch."""
+        if self.drop_last:
+            return self._size // self.batch_size
+        return -(-self._size // self.batch_size)
+
+    @property
+    def epoch(self) -> int:
+        """The epoch the next batch comes from."""
+        self._roll_over()
+        return self._epoch
+
+    def batch_indices(self, epoch: int) -> list[list[int]]:
+        """The dataset indices of this rank's part of every batch of ``epoch``, in order.
+
+        >>> import torch
+        >>> Loader(torch.utils.data.TensorDataset(torch.arange(6)), 2, shuffle=False).batch_indices(0)
+        [[0, 1], [2, 3], [4, 5]]
+        """
+        order = epoch_order(self._size, self.seed, epoch, shuffle=self.shuffle)
+        batches = []
+        for b in range(len(self)):
+            global_batch = order[b * self.batch_size : (b + 1) * self.batch_size]
+            batches.append(torch.tensor_split(global_batch, self.world_size)[self.rank].tolist())
+        return batches
+
+    def state_dict(self) -> dict[str, int]:
+        """The position of the next batch, as a small JSON-able dict.
+
+        ``size`` (the dataset length) lets :meth:`load_state_dict` refuse a
+        position taken over different data.
+        """
+        self._roll_over()
+        return {"seed": self.seed, "epoch": self._epoch, "batch": self._batch, "size": self._size}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Move to a position returned by :meth:`state_dict` (e.g. from a checkpoint)."""
+        if not isinstance(state, dict) or not {"epoch", "batch"} <= set(state):
+            raise ValueError(
+                f"Loader.load_state_dict expects a dict from Loader.state_dict() with keys 'epoch' and 'batch', "
+                f"got {state!r}"
+            )
+        epoch, batch = state["epoch"], state["batch"]
+        _check_int("epoch", epoch, low=0)
+        _check_int("batch", batch, low=0)
+        if "seed" in state and state["seed"] != self.seed:
+            raise ValueError(
+                f"Loader.load_state_dict: the position was saved by a loader with seed={state['seed']}, this loader "
+                f"has seed={self.seed}; the batches would differ. Build the Loader with seed={state['seed']}"
+            )
+        if "size" in state and state["size"] != self._size:
+            raise ValueError(
+                f"Loader.load_state_dict: the position was saved over a dataset of {state['size']} items, this "
+                f"dataset has {self._size}; resuming would visit different items. Use the same dataset"
+            )
+        if batch > len(self):
+            raise ValueError(
+                f"Loader.load_state_dict: batch={batch} is past the end of an epoch of {len(self)} batches; "
+                "was the position saved with another batch_size?"
+            )
+        self._epoch, self._batch = epoch, batch
+
+    def __iter__(self) -> Iterator[Any]:
+        """The rest of the current epoch, batch by batch; then the position moves to the next epoch."""
+        self._roll_over()
+        epoch, start = self._epoch, self._batch
+        batches = self.batch_indices(epoch)[start:]
+        if self.num_workers == 0:
+            source: Any = (self.collate_fn([self.dataset[i] for i in idx]) for idx in batches)
+        else:
+            # Seeded per (seed, epoch, start) so worker RNG does not come from the global generator.
+            seed = int(random.bits(random.fold_in(random.fold_in(random.key(self.seed), epoch), start), ())) % 2**63
+            source = torch.utils.data.DataLoader(
+                self.dataset,
+                batch_sampler=_Fixed(batches),
+                num_workers=self.num_workers,
+                collate_fn=self.collate_fn,
+                pin_memory=self.pin_memory,
+                generator=torch.Generator().manual_seed(seed),
+            )
+        for i, batch in enumerate(source, start=start):
+            # The position moves before the yield: a checkpoint taken while the consumer holds
+            # batch i must resume at batch i + 1.
+            self._batch = i + 1
+            if self.pin_memory and self.num_workers == 0:
+                batch = _pin(batch)
+            yield batch
+
+    def _roll_over(self) -> None:
+        if self._batch >= len(self):
+            self._epoch, self._batch = self._epoch + 1, 0
+
+    def __repr__(self) -> str:
+        return (
+            f"Loader(size={self._size}, batch_size={self.batch_size}, shuffle={self.shuffle}, seed={self.seed}, "
+            f"epoch={self._epoch}, batch={self._batch}, rank={self.rank}/{self.world_size})"
+        )
+
+
+class _Fixed(torch.utils.data.Sampler):
+    """A batch sampler that replays a precomputed list of index batches."""
+
+    def __init__(self, batches: Sequence[list[int]]):
+        self.batches = batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def _pin(batch: Any) -> Any:
+    return torch.utils._pytree.tree_map(lambda x: x.pin_memory() if isinstance(x, torch.Tensor) else x, batch)
+
+
+def _check_int(name: str, value: Any, low: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"Loader: {name} must be an int, got {type(value).__name__} {value!r}")
+    if low is not None and value < low:
+        raise ValueError(f"Loader: {name} must be >= {low}, got {value}")
