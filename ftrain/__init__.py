@@ -6,6 +6,7 @@ loop is thin. See ``docs/`` for the concepts and a migration guide.
 
 from . import checkpoint as checkpoint
 from . import data as data
+from . import mesh as mesh
 from . import optim as optim
 from . import random as random
 from . import schedules as schedules
@@ -15,5 +16,7 @@ from ._state import ImmutableStateError as ImmutableStateError
 from ._state import TrainState as TrainState
 from ._state import static_field as static_field
 from .checkpoint import CheckpointManager as CheckpointManager
+from .mesh import Mesh as Mesh
+from .mesh import ShardedCheckpointManager as ShardedCheckpointManager
 
 __version__ = "0.1.0"
