@@ -286,9 +286,11 @@ class CheckpointManager:
         keep_policies: list[Any] = [policies.LatestN(n=self.keep)]
         if self.best is not None:
             best = self.best
+            # A step saved without this metric (e.g. under another `best`) ranks last.
+            worst = float("inf") if self.mode == "min" else float("-inf")
             keep_policies.append(
                 policies.BestN(
-                    get_metric_fn=lambda metrics: metrics[best],
+                    get_metric_fn=lambda metrics: metrics.get(best, worst),
                     # BestN keeps the top of an ascending sort: reverse it when lower is better.
                     reverse=self.mode == "min",
                     n=self.keep_best,
@@ -301,6 +303,9 @@ class CheckpointManager:
                 "reads, so the primary process (rank 0) must create it first (build its manager before a barrier)"
             )
         options = ocp.CheckpointManagerOptions(
+            # best_fn only makes orbax read the saved metrics back; BestN above decides what is kept.
+            best_fn=(lambda metrics: metrics.get(best, worst)) if self.best is not None else None,
+            best_mode=self.mode,
             enable_async_checkpointing=self.async_save,
             preservation_policy=policies.AnyPreservationPolicy(keep_policies),
             cleanup_tmp_directories=self.primary,
@@ -320,7 +325,10 @@ class CheckpointManager:
 
     def all_steps(self) -> list[int]:
         """The complete steps in the directory, ascending (a half-written step is not listed)."""
-        self._manager.reload()
+        if not self.primary:
+            # Another process writes: re-read the directory. (The writer must not reload while its own
+            # async save is in flight: orbax would forget that step and mis-count what to keep.)
+            self._manager.reload()
         return sorted(self._manager.all_steps())
 
     def latest_step(self) -> int | None:
