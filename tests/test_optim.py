@@ -414,6 +414,15 @@ def test_partition_equals_separate_optimizers(float64):
             assert torch.equal(ours[k], sub_ours[k])
 
 
+def test_mask_inside_partition_may_cover_the_group_or_all_params():
+    params = {"a.w": torch.ones(2), "a.b": torch.ones(2), "b.w": torch.ones(2)}
+    labels = {"a.w": "a", "a.b": "a", "b.w": "b"}
+    for mask in [{"a.w": True, "a.b": False}, {"a.w": True, "a.b": False, "b.w": True}]:
+        tx = optim.partition({"a": optim.masked(optim.set_to_zero(), mask), "b": optim.sgd(1.0)}, labels)
+        updates, _ = tx.update(tree.ones_like(params), tx.init(params), params)
+        assert [float(updates[k][0]) for k in ["a.w", "a.b", "b.w"]] == [0.0, 1.0, -1.0]
+
+
 def test_partition_with_a_function_and_a_frozen_group():
     params = {"backbone.w": torch.ones(2), "head.w": torch.ones(2)}
     tx = optim.partition(
@@ -593,3 +602,47 @@ def test_compiles_once_over_50_steps_with_changing_hyperparams():
     assert counter.frame_count == 1, f"compiled {counter.frame_count} times"
     assert lrs[4] == pytest.approx(8e-3) and lrs[5] == pytest.approx(1e-2) and lrs[-1] < lrs[10]
     assert tree.allclose(p_compiled, p_eager, rtol=1e-4, atol=1e-5)
+
+
+def test_wrappers_compile_once_and_match_eager():
+    """MultiSteps(apply_if_finite(partition(masked adamw | nesterov sgd))) + ema: one graph, eager's numbers."""
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    g = torch.Generator().manual_seed(0)
+    params = {"w1": torch.randn(4, 8, generator=g), "b1": torch.zeros(8), "w2": torch.randn(8, 1, generator=g)}
+    x, y = torch.randn(16, 4, generator=g), torch.randn(16, 1, generator=g)
+    groups = optim.partition(
+        {
+            # the mask covers only this group's params: the others are not its business
+            "a": optim.adamw(schedules.one_cycle(10, 1e-2), mask={"w1": True, "w2": False}),
+            "b": optim.sgd(schedules.piecewise_constant(0.1, {3: 0.5}), 0.9, nesterov=True),
+        },
+        {"w1": "a", "b1": "b", "w2": "a"},
+    )
+    tx = optim.chain(
+        optim.MultiSteps(optim.apply_if_finite(optim.chain(optim.clip(1.0), groups)), every_k_schedule=2),
+        optim.ema_params(0.9),
+    )
+
+    def loss_fn(p, x, y):
+        return ((torch.tanh(x @ p["w1"] + p["b1"]) @ p["w2"] - y) ** 2).mean()
+
+    def step(p, opt_state, x, y):
+        grads, loss = torch.func.grad_and_value(loss_fn)(p, x, y)
+        updates, opt_state = tx.update(grads, opt_state, p)
+        return optim.apply_updates(p, updates), opt_state, loss
+
+    compiled = torch.compile(step, fullgraph=True, backend=counter)
+
+    def run(fn):
+        p, s = params, tx.init(params)
+        for i in range(12):
+            p, s, _ = fn(p, s, x, y * float("nan") if i == 5 else y)
+        return p, s
+
+    with torch.no_grad():
+        compiled_out, eager_out = run(compiled), run(step)
+    assert counter.frame_count == 1, f"compiled {counter.frame_count} times"
+    assert tree.allclose(compiled_out, eager_out, rtol=1e-5, atol=1e-6)
+    multi = compiled_out[1][0]
+    assert int(multi.inner_opt_state.total_notfinite) == 1 and int(multi.gradient_step) == 6

@@ -42,17 +42,58 @@ def _check_transform(owner: str, what: str, tx: Any) -> None:
 # inner transformation never sees it, and its state has None in that place too.
 
 
-def _resolve_labels(owner: str, what: str, spec_or_fn: Any, params: PyTree) -> tuple[list[str], list[Any]]:
-    """``(paths, labels)``: one label per leaf of ``params``, checked against its structure."""
+def _drop_none(t: PyTree) -> PyTree:
+    if isinstance(t, dict):
+        return {k: _drop_none(v) for k, v in t.items() if v is not None}
+    return t
+
+
+def _resolve_labels(owner: str, what: str, spec_or_fn: Any, params: PyTree) -> tuple[PyTree, list[Any]]:
+    """``(labels_tree, labels)``: one label per (non-``None``) leaf of ``params``.
+
+    Inside :func:`partition` or another :func:`masked`, the params hold ``None`` where a leaf
+    belongs to another group. The labels may then either cover every original parameter (the
+    entries at ``None`` places are ignored) or only the present ones.
+    """
     labels_tree = spec_or_fn(params) if callable(spec_or_fn) else spec_or_fn
+    if tree.structure(labels_tree) == tree.structure(params):
+        return labels_tree, tree.leaves(labels_tree)
+    full, full_spec = optree.tree_flatten(params, none_is_leaf=True, namespace=tree.NAMESPACE)
+    if optree.tree_structure(labels_tree, none_is_leaf=True, namespace=tree.NAMESPACE) == full_spec:
+        labels = optree.tree_leaves(labels_tree, none_is_leaf=True, namespace=tree.NAMESPACE)
+        return labels_tree, [lab for lab, p in zip(labels, full) if p is not None]
+    present = _drop_none(params)
     try:
-        tree.assert_same_structure(params, labels_tree, names=["params", what])
+        tree.assert_same_structure(present, labels_tree, names=["params", what])
     except ValueError as e:
         raise ValueError(
             f"{owner}: the {what} must have the structure of the params (one entry per parameter); {e}"
         ) from None
-    paths, labels, _ = tree.flatten_with_path(labels_tree)
-    return paths, labels
+    return labels_tree, tree.leaves(labels_tree)
+
+
+def _label_paths(labels_tree: PyTree) -> list[str]:
+    # Only on the error path: path strings are not needed (nor cheap to trace) otherwise.
+    return tree.flatten_with_path(labels_tree)[0]
+
+
+class _Resolved:
+    """The labels of the params' leaves, worked out once (in ``init``, which runs eagerly).
+
+    Working them out walks Python trees of bools/strings, which ``torch.compile`` cannot trace
+    with fullgraph; the result depends only on the params' structure, so the compiled
+    ``update`` reuses it. It is kept per leaf count, the only thing the trace can check for free.
+    """
+
+    def __init__(self) -> None:
+        self._by_count: dict[int, list[Any]] = {}
+
+    def get(self, params: PyTree) -> list[Any] | None:
+        return self._by_count.get(len(tree.leaves(params))) if torch.compiler.is_compiling() else None
+
+    def put(self, params: PyTree, labels: list[Any]) -> list[Any]:
+        self._by_count[len(tree.leaves(params))] = labels
+        return labels
 
 
 def _select(t: PyTree, keep: Sequence[bool]) -> PyTree:
@@ -89,12 +130,17 @@ def masked(inner: GradientTransformation, mask: PyTree | Callable[[PyTree], PyTr
     """
     _check_transform("masked", "inner", inner)
 
+    resolved = _Resolved()
+
     def resolve(params: PyTree) -> list[bool]:
-        paths, flags = _resolve_labels("masked", "mask", mask, params)
-        for path, flag in zip(paths, flags):
-            if not isinstance(flag, bool):
-                raise TypeError(f"masked: mask{path} is {flag!r}; each mask entry must be True or False")
-        return flags
+        if (cached := resolved.get(params)) is not None:
+            return cached
+        mask_tree, flags = _resolve_labels("masked", "mask", mask, params)
+        if not all(isinstance(flag, bool) for flag in flags):
+            for path, flag in zip(_label_paths(mask_tree), tree.leaves(mask_tree)):
+                if not isinstance(flag, bool):
+                    raise TypeError(f"masked: mask{path} is {flag!r}; each mask entry must be True or False")
+        return resolved.put(params, flags)
 
     def init(params: PyTree) -> MaskedState:
         return MaskedState(inner.init(_select(params, resolve(params))))
@@ -140,19 +186,23 @@ def partition(
     for label, tx in transforms.items():
         _check_transform("partition", f"transforms[{label!r}]", tx)
 
+    resolved = _Resolved()
+
     def resolve(params: PyTree) -> list[Any]:
-        paths, labels = _resolve_labels("partition", "param_labels", param_labels, params)
-        missing: dict[Any, list[str]] = {}
-        for path, label in zip(paths, labels):
-            if label not in transforms:
-                missing.setdefault(label, []).append(path)
-        if missing:
+        if (cached := resolved.get(params)) is not None:
+            return cached
+        labels_tree, labels = _resolve_labels("partition", "param_labels", param_labels, params)
+        if not all(label in transforms for label in labels):
+            missing: dict[Any, list[str]] = {}
+            for path, label in zip(_label_paths(labels_tree), tree.leaves(labels_tree)):
+                if label not in transforms:
+                    missing.setdefault(label, []).append(path)
             detail = "; ".join(f"label {lab!r} on params{', params'.join(ps[:5])}" for lab, ps in missing.items())
             raise ValueError(
                 f"partition: no transformation for {detail}; transforms has labels {sorted(transforms)}. "
                 "Add a transformation for each label (optim.set_to_zero() freezes a group)."
             )
-        return labels
+        return resolved.put(params, labels)
 
     def init(params: PyTree) -> PartitionState:
         labels = resolve(params)
@@ -294,8 +344,11 @@ def apply_if_finite(inner: GradientTransformation, max_consecutive_errors: int =
         raise TypeError(f"apply_if_finite: max_consecutive_errors must be an int, got {max_consecutive_errors!r}")
 
     def init(params: PyTree) -> ApplyIfFiniteState:
-        zero = zero_count(params)
-        return ApplyIfFiniteState(zero, torch.ones((), dtype=torch.bool, device=zero.device), zero, inner.init(params))
+        # Separate tensors, never one shared: dynamo guards on aliasing, and a step that aliases
+        # on its first call but not later would recompile.
+        count = zero_count(params)
+        finite = torch.ones((), dtype=torch.bool, device=count.device)
+        return ApplyIfFiniteState(count, finite, zero_count(params), inner.init(params))
 
     def update(updates: PyTree, state: ApplyIfFiniteState, params: PyTree = None):
         leaves = tree.leaves(updates)
