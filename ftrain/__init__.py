@@ -4,18 +4,32 @@ State is data (:class:`TrainState`), steps are pure compiled functions, and the
 loop is thin. See ``docs/`` for the concepts and a migration guide.
 """
 
+from . import actions as actions
 from . import checkpoint as checkpoint
 from . import data as data
+from . import datasets as datasets
+from . import loop as loop
 from . import mesh as mesh
+from . import metrics as metrics
 from . import optim as optim
 from . import random as random
 from . import schedules as schedules
 from . import tree as tree
+from . import writers as writers
 from ._module import ModuleApply as ModuleApply
 from ._state import ImmutableStateError as ImmutableStateError
 from ._state import TrainState as TrainState
 from ._state import static_field as static_field
+from ._tuning import LRFindResult as LRFindResult
+from ._tuning import find_batch_size as find_batch_size
+from ._tuning import lr_find as lr_find
 from .checkpoint import CheckpointManager as CheckpointManager
+from .loop import evaluate as evaluate
+from .loop import fast_dev_run as fast_dev_run
+from .loop import fit as fit
+from .loop import limit_batches as limit_batches
+from .loop import overfit_batches as overfit_batches
+from .loop import predict as predict
 from .mesh import Mesh as Mesh
 from .mesh import ShardedCheckpointManager as ShardedCheckpointManager
 

@@ -1,0 +1,377 @@
+"""Metric writers: one small protocol, several sinks, and a fan-out.
+
+A writer has four methods: ``write_scalars(step, scalars)``, ``write_hparams(hparams)``,
+``flush()`` and ``close()`` (:class:`Writer`). The loop hands them host floats that it
+has already synced at a log interval, so writing never touches the device.
+
+Under ``torch.distributed`` only rank 0 writes: every writer here checks the rank on
+each call, so the same script runs unchanged under ``torchrun``.
+
+Example:
+    >>> import tempfile, os
+    >>> from ftrain import writers
+    >>> d = tempfile.mkdtemp()
+    >>> w = writers.MultiWriter([writers.JSONL(os.path.join(d, "m.jsonl")), writers.CSV(os.path.join(d, "m.csv"))])
+    >>> w.write_scalars(10, {"train/loss": 0.5})
+    >>> w.close()
+    >>> open(os.path.join(d, "m.jsonl")).read()
+    '{"step": 10, "train/loss": 0.5}\\n'
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import sys
+from collections.abc import Iterable, Mapping
+from typing import IO, Any, Protocol, runtime_checkable
+
+import torch
+
+__all__ = ["CSV", "JSONL", "Console", "MultiWriter", "TensorBoard", "Writer", "is_rank_zero", "to_writer"]
+
+
+@runtime_checkable
+class Writer(Protocol):
+    """What the loop needs from a metrics sink.
+
+    Implement these four methods to send metrics anywhere (wandb, MLflow, a
+    database); no base class is needed.
+
+    Example:
+        >>> class Collect:
+        ...     def __init__(self): self.rows = []
+        ...     def write_scalars(self, step, scalars): self.rows.append((step, dict(scalars)))
+        ...     def write_hparams(self, hparams): pass
+        ...     def flush(self): pass
+        ...     def close(self): pass
+        >>> isinstance(Collect(), Writer)
+        True
+    """
+
+    def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+        """Record ``scalars`` (name -> float) at ``step``."""
+
+    def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+        """Record the run's hyperparameters / config, once per run."""
+
+    def flush(self) -> None:
+        """Push buffered records to their destination."""
+
+    def close(self) -> None:
+        """Flush and release files or connections."""
+
+
+def is_rank_zero() -> bool:
+    """True unless running under an initialized ``torch.distributed`` group as a rank other than 0.
+
+    Example:
+        >>> is_rank_zero()
+        True
+    """
+    dist = torch.distributed
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def _jsonable(value: Any) -> Any:
+    # Hyperparameters may hold anything (a dtype, a schedule); keep numbers and strings as they are.
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    return repr(value)
+
+
+def _flat(hparams: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in hparams.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = _jsonable(v)
+    return out
+
+
+def _format(value: float) -> str:
+    if value == 0 or not math.isfinite(value) or 1e-3 <= abs(value) < 1e5:
+        return f"{value:.4g}"
+    return f"{value:.3e}"
+
+
+class Console:
+    """Print one line per :meth:`write_scalars` call: ``step 100 | train/loss 0.4123 | ...``.
+
+    Lines go through ``tqdm.write`` when tqdm is installed, so they do not tear a progress bar.
+
+    Args:
+        stream: where to print (default ``sys.stderr``).
+
+    Example:
+        >>> import io
+        >>> out = io.StringIO()
+        >>> Console(out).write_scalars(100, {"train/loss": 0.41234})
+        >>> out.getvalue()
+        'step 100 | train/loss 0.4123\\n'
+    """
+
+    def __init__(self, stream: IO[str] | None = None):
+        self.stream = stream
+
+    def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+        """Print ``scalars`` on one line."""
+        if not is_rank_zero():
+            return
+        line = " | ".join([f"step {step}", *(f"{k} {_format(v)}" for k, v in scalars.items())])
+        self._print(line)
+
+    def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+        """Print the hyperparameters once, as ``key=value`` pairs."""
+        if not is_rank_zero():
+            return
+        self._print("hparams: " + ", ".join(f"{k}={v}" for k, v in _flat(hparams).items()))
+
+    def _print(self, line: str) -> None:
+        stream = self.stream if self.stream is not None else sys.stderr
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            print(line, file=stream, flush=True)
+        else:
+            tqdm.write(line, file=stream)
+
+    def flush(self) -> None:
+        """Flush the stream."""
+        (self.stream if self.stream is not None else sys.stderr).flush()
+
+    def close(self) -> None:
+        """Flush (the stream stays open: it is not ours)."""
+        self.flush()
+
+
+class JSONL:
+    """Append one JSON object per :meth:`write_scalars` call to ``path``: ``{"step": 100, "train/loss": 0.41}``.
+
+    The file is opened for each write (every log interval, not every step), so
+    nothing is lost if the process dies and there is no handle to leak.
+    Hyperparameters are written once as ``{"hparams": {...}}``.
+
+    Args:
+        path: the ``.jsonl`` file; its directory is created.
+
+    Example:
+        >>> import json, tempfile, os
+        >>> path = os.path.join(tempfile.mkdtemp(), "metrics.jsonl")
+        >>> JSONL(path).write_scalars(3, {"val/acc": 0.9})
+        >>> json.loads(open(path).readline())
+        {'step': 3, 'val/acc': 0.9}
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        if is_rank_zero():
+            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+
+    def _append(self, record: Mapping[str, Any]) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+        """Append ``{"step": step, **scalars}``."""
+        if is_rank_zero():
+            self._append({"step": int(step), **{k: float(v) for k, v in scalars.items()}})
+
+    def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+        """Append ``{"hparams": {...}}`` (values that JSON cannot hold are written as their repr)."""
+        if is_rank_zero():
+            self._append({"hparams": _jsonable(dict(hparams))})
+
+    def flush(self) -> None:
+        """Nothing is buffered."""
+
+    def close(self) -> None:
+        """Nothing is held open."""
+
+
+class CSV:
+    """Append rows ``step,name,value`` to ``path`` (long format: new metric names need no new columns).
+
+    Hyperparameters go to ``<path stem>.hparams.json`` beside it.
+
+    Args:
+        path: the ``.csv`` file; its directory is created and a header written if it is new.
+
+    Example:
+        >>> import tempfile, os
+        >>> path = os.path.join(tempfile.mkdtemp(), "metrics.csv")
+        >>> CSV(path).write_scalars(5, {"train/loss": 0.25})
+        >>> open(path).read().split()
+        ['step,name,value', '5,train/loss,0.25']
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        if is_rank_zero():
+            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+            if not os.path.exists(self.path):
+                with open(self.path, "w", newline="", encoding="utf-8") as f:
+                    csv.writer(f).writerow(["step", "name", "value"])
+
+    def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+        """Append one row per scalar."""
+        if not is_rank_zero():
+            return
+        with open(self.path, "a", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            for name, value in scalars.items():
+                w.writerow([int(step), name, repr(float(value))])
+
+    def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+        """Write the hyperparameters as JSON beside the CSV file."""
+        if is_rank_zero():
+            stem = os.path.splitext(self.path)[0]
+            with open(stem + ".hparams.json", "w", encoding="utf-8") as f:
+                json.dump(_jsonable(dict(hparams)), f, indent=2)
+
+    def flush(self) -> None:
+        """Nothing is buffered."""
+
+    def close(self) -> None:
+        """Nothing is held open."""
+
+
+class TensorBoard:
+    """Scalars and hyperparameters to a TensorBoard log directory (``torch.utils.tensorboard``).
+
+    Needs the ``tensorboard`` package (``pip install ftrain[tensorboard]``); it is
+    imported when the writer is built, not when ftrain is. Call :meth:`close` at
+    the end of the run (``fit`` only flushes writers, so one writer can serve
+    several ``fit`` calls).
+
+    Args:
+        logdir: the run directory (``tensorboard --logdir`` its parent).
+        **kwargs: passed to ``SummaryWriter`` (e.g. ``flush_secs``).
+
+    Example:
+        >>> import tempfile
+        >>> tb = TensorBoard(tempfile.mkdtemp())
+        >>> tb.write_scalars(1, {"train/loss": 0.5})
+        >>> tb.close()
+    """
+
+    def __init__(self, logdir: str | os.PathLike, **kwargs: Any):
+        self.logdir = os.fspath(logdir)
+        self._writer = None
+        if not is_rank_zero():
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as e:  # pragma: no cover - depends on the environment
+            raise ImportError(
+                "writers.TensorBoard needs the tensorboard package: pip install 'ftrain[tensorboard]'"
+            ) from e
+        self._writer = SummaryWriter(self.logdir, **kwargs)
+
+    def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+        """``add_scalar`` for each scalar."""
+        if self._writer is None:
+            return
+        for name, value in scalars.items():
+            self._writer.add_scalar(name, float(value), global_step=int(step))
+
+    def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+        """Hyperparameters into the same run directory (TensorBoard's HParams tab), plus a text summary."""
+        if self._writer is None:
+            return
+        from torch.utils.tensorboard.summary import hparams as hparams_summary
+
+        flat = {k: (v if isinstance(v, (bool, int, float, str)) else repr(v)) for k, v in _flat(hparams).items()}
+        # SummaryWriter.add_hparams writes into a new sub-run; write the three summaries here instead.
+        for summary in hparams_summary(flat, {}):
+            self._writer.file_writer.add_summary(summary)
+        self._writer.add_text("hparams", "\n".join(f"    {k} = {v}" for k, v in flat.items()))
+
+    def flush(self) -> None:
+        """Flush the event file."""
+        if self._writer is not None:
+            self._writer.flush()
+
+    def close(self) -> None:
+        """Flush and close the event file."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+class MultiWriter:
+    """Fan out every call to several writers, in order.
+
+    Args:
+        writers: the writers.
+
+    Example:
+        >>> import io
+        >>> a, b = io.StringIO(), io.StringIO()
+        >>> MultiWriter([Console(a), Console(b)]).write_scalars(1, {"x": 1.0})
+        >>> a.getvalue() == b.getvalue() == 'step 1 | x 1\\n'
+        True
+    """
+
+    def __init__(self, writers: Iterable[Writer]):
+        self.writers = list(writers)
+        for i, w in enumerate(self.writers):
+            if not isinstance(w, Writer):
+                raise TypeError(
+                    f"MultiWriter: writer {i} is a {type(w).__name__}, which lacks "
+                    f"{[m for m in ('write_scalars', 'write_hparams', 'flush', 'close') if not hasattr(w, m)]}; "
+                    "use ftrain.writers.Console/JSONL/CSV/TensorBoard or implement the Writer protocol"
+                )
+
+    def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+        """Write to each writer."""
+        for w in self.writers:
+            w.write_scalars(step, scalars)
+
+    def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+        """Write to each writer."""
+        for w in self.writers:
+            w.write_hparams(hparams)
+
+    def flush(self) -> None:
+        """Flush each writer."""
+        for w in self.writers:
+            w.flush()
+
+    def close(self) -> None:
+        """Close each writer."""
+        for w in self.writers:
+            w.close()
+
+
+def to_writer(log: Writer | Iterable[Writer] | None) -> MultiWriter:
+    """Normalize ``fit``'s ``log=`` argument (``None``, one writer or several) to one :class:`MultiWriter`.
+
+    Example:
+        >>> to_writer(None).writers
+        []
+        >>> len(to_writer([Console(), Console()]).writers)
+        2
+    """
+    if log is None:
+        return MultiWriter([])
+    if isinstance(log, MultiWriter):
+        return log
+    if isinstance(log, Writer):
+        return MultiWriter([log])
+    if isinstance(log, (str, bytes, os.PathLike)) or not isinstance(log, Iterable):
+        raise TypeError(
+            f"log= expects a writer or a list of writers, got {type(log).__name__} {log!r}; "
+            "e.g. log=ftrain.writers.JSONL('runs/exp/metrics.jsonl')"
+        )
+    return MultiWriter(log)
