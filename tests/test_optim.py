@@ -347,6 +347,18 @@ def test_inject_hyperparams_keeps_the_numbers(float64):
     assert float(hp["learning_rate"]) == pytest.approx(float(lr(torch.tensor(STEPS - 1))), rel=1e-12)
 
 
+@pytest.mark.parametrize("name", ["sgd", "adam", "adamw", "rmsprop", "adagrad", "nadam", "radam", "lion"])
+def test_inject_hyperparams_works_for_every_named_optimizer(name, float64):
+    p0 = model_params()
+    noises = grad_sequence(p0, n=20)
+    make = getattr(optim, name)
+    extra = {"sgd": {"momentum": 0.9}, "rmsprop": {"momentum": 0.5, "centered": True}, "adagrad": {"lr_decay": 0.1}}
+    plain, _ = run_ours(make(1e-2, **extra.get(name, {})), p0, noises)
+    injected, state = run_ours(optim.inject_hyperparams(make)(1e-2, **extra.get(name, {})), p0, noises)
+    assert_same_change(injected, plain, p0, rtol=1e-13)
+    assert all(v.shape == () and v.dtype == torch.float64 for v in optim.get_hyperparams(state).values())
+
+
 # --- wrappers --------------------------------------------------------------------------------
 
 
@@ -490,6 +502,11 @@ def test_other_bad_inputs_are_clear():
     state = optim.inject_hyperparams(optim.sgd)(0.1).init({"w": torch.ones(1)})
     with pytest.raises(KeyError, match=r"no injected hyperparameter named \['lr'\].*'learning_rate'"):
         optim.set_hyperparams(state, lr=0.01)
+    with pytest.raises(ValueError, match="learning_rate must be >= 0, got -1"):
+        optim.set_hyperparams(state, learning_rate=-1.0)
+    with pytest.raises(ValueError, match="chain of 2 transformations got a tuple of 1 states"):
+        tx = optim.chain(optim.identity(), optim.identity())
+        tx.update({"w": torch.ones(1)}, (optim.EmptyState(),))
     with pytest.raises(ValueError, match="add_decayed_weights needs the current params"):
         tx = optim.adamw(0.1)
         tx.update({"w": torch.ones(1)}, tx.init({"w": torch.ones(1)}))

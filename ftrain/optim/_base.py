@@ -62,6 +62,12 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
         return tuple(t.init(params) for t in transforms)
 
     def update(updates, state, params=None):
+        if not isinstance(state, tuple) or len(state) != len(transforms):
+            got = f"a tuple of {len(state)} states" if isinstance(state, tuple) else type(state).__name__
+            raise ValueError(
+                f"chain of {len(transforms)} transformations got {got}; pass the state its own init() built "
+                "(was the optimizer changed after the state was created or restored?)"
+            )
         new_state = []
         for t, s in zip(transforms, state):
             updates, s = t.update(updates, s, params)

@@ -488,6 +488,9 @@ def set_hyperparams(opt_state: PyTree, **values: float | torch.Tensor) -> PyTree
     >>> optim.get_hyperparams(s)["learning_rate"]
     tensor(0.0100)
     """
+    for name, value in values.items():
+        if name == "learning_rate" and isinstance(value, (int, float)) and value < 0:
+            raise ValueError(f"set_hyperparams: learning_rate must be >= 0, got {value!r}")
     found: set[str] = set()
     available: set[str] = set()
 
