@@ -144,6 +144,14 @@ def test_killed_rank_fails_loudly_then_resumes_from_last_complete_checkpoint(mai
     assert not list((tmp_path / "ckpt").glob("*.tmp"))  # the half-written save was cleaned up
 
 
+def test_ddp_example_runs_under_torchrun_with_inductor():
+    # The one inductor-compiled multi-process run; the numerics above use aot_eager (faster to compile).
+    rc, log, _ = torchrun("--smoke", script=ROOT / "examples" / "ddp.py", timeout=400)
+    assert rc == 0, log[-4000:]
+    assert log.count("val accuracy") == 1 and "Mesh(dp=2, fsdp=1, cpu, rank 0/2)" in log  # rank 0 alone prints
+    assert log.count("step 5 |") == 1  # and alone logs
+
+
 # ---------------------------------------------------------------- 1 process, no process group
 
 
