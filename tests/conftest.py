@@ -4,3 +4,6 @@ import torch
 
 # Fixed threads: determinism and comparable timings across machines.
 torch.set_num_threads(2)
+
+# Compiled steps shared by the step, loop and checkpoint tests (see tests/step_fixtures.py).
+from step_fixtures import mlp_setup as mlp_setup  # noqa: E402
