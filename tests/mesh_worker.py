@@ -94,6 +94,10 @@ def scenario_main(args) -> None:
     state = mesh.replicate(make_state(seed=100 + rank))
     dp_state, metrics = train(mesh, state, make_step(mesh, args.backend), STEPS)
     torch.save(tensors(dp_state), out / f"dp_rank{rank}.pt")
+    # a replicated state's checkpoint: DCP de-duplicates, so each tensor is written by one rank only
+    dp_manager = ShardedCheckpointManager(out / "dp_ckpt", mesh=mesh, async_save=False)
+    dp_manager.save(dp_state)
+    dp_manager.close()
     local_loss = float(metrics["loss"])
     reduced = mesh.reduce_metrics(metrics)
     # 2) sharded (fsdp=2): params and optimizer state as DTensors, sharded checkpoints every 2 steps

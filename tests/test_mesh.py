@@ -73,6 +73,31 @@ def test_data_parallel_equals_single_process_and_ranks_stay_bitwise_identical(ma
     assert max_diff(rank0, single) <= 1e-6  # 2 ranks x 8 rows == 1 process x 16 rows
 
 
+def _chunks(step_dir: Path) -> dict[str, list[str]]:
+    """For each saved leaf, the data files its chunks were written to (from DCP's .metadata)."""
+    import torch.distributed.checkpoint as dcp
+
+    chunks: dict[str, list[str]] = {}
+    for index, info in dcp.FileSystemReader(str(step_dir)).read_metadata().storage_data.items():
+        chunks.setdefault(index.fqn, []).append(info.relative_path)
+    return chunks
+
+
+def test_replicated_checkpoint_is_written_once(main_run):
+    state = tensors(main_run / "dp_rank0.pt")
+    replicated = _chunks(main_run / "dp_ckpt" / str(mesh_worker.STEPS))
+    assert all(len(files) == 1 for files in replicated.values())  # one copy, not one per rank
+    assert {f for files in replicated.values() for f in files} == {"__0_0.distcp", "__1_0.distcp"}  # spread out
+    sharded = _chunks(main_run / "ckpt" / str(mesh_worker.STEPS))
+    assert sorted(sharded["params['0.weight']"]) == ["__0_0.distcp", "__1_0.distcp"]  # each rank its shard
+    restored, _ = ShardedCheckpointManager(main_run / "dp_ckpt", async_save=False).restore_latest(
+        mesh_worker.make_state(seed=3)
+    )
+    assert ftrain.tree.equal({"params": restored.params, "opt_state": restored.opt_state}, {
+        "params": state["params"], "opt_state": state["opt_state"]
+    })  # fmt: skip
+
+
 def test_sharded_run_equals_replicated_run(main_run):
     report = json.loads((main_run / "main_rank0.json").read_text())
     assert set(report["placements"].values()) == {"(Replicate(), Shard(dim=0))"}
