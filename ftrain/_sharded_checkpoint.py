@@ -55,12 +55,14 @@ class ShardedCheckpointManager:
     Args:
         directory: where step directories go (shared by all ranks, e.g. a shared filesystem).
         mesh: the job's mesh (``Mesh.local()`` when omitted).
-        save_every: :meth:`should_save` is true every this many steps (``None``: never; the
-            loop still saves at the end with ``force=True``).
-        keep: how many committed checkpoints to keep (the newest; with ``best``, the best by
-            that metric, plus always the newest so a resume never goes back).
-        best: the metric name that ranks checkpoints (``save(..., metrics={best: value})``).
-        mode: ``"min"`` or ``"max"``, for ``best``.
+        save_every: :meth:`should_save` is true every this many steps (``None``: never;
+            :meth:`save` then saves whenever called).
+        keep: keep the latest this many steps (``None``: keep all).
+        best: a metric name passed in ``save(..., metrics=...)``, e.g. ``"val/loss"``; the
+            best ``keep_best`` steps by it are kept as well. Under a mesh, pass metrics
+            already averaged over the ranks (:meth:`Mesh.reduce_metrics`): rank 0's are stored.
+        mode: ``"min"`` or ``"max"``: which way ``best`` is better.
+        keep_best: how many of the best steps to keep.
         async_save: copy the state to host memory and write it in a background thread
             (over a separate gloo group, so it never interleaves with the step's collectives).
             On a 1-process mesh saves are synchronous.
@@ -84,9 +86,10 @@ class ShardedCheckpointManager:
         *,
         mesh: Mesh | None = None,
         save_every: int | None = None,
-        keep: int = 3,
+        keep: int | None = 3,
         best: str | None = None,
         mode: str = "min",
+        keep_best: int = 1,
         async_save: bool = True,
         timeout: float = 600.0,
     ):
@@ -94,15 +97,17 @@ class ShardedCheckpointManager:
             isinstance(save_every, bool) or not isinstance(save_every, int) or save_every < 1
         ):
             raise ValueError(f"ShardedCheckpointManager: save_every must be a positive int or None, got {save_every!r}")
-        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
-            raise ValueError(f"ShardedCheckpointManager: keep must be a positive int, got {keep!r}")
+        for name, value in (("keep", keep), ("keep_best", keep_best)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"ShardedCheckpointManager: {name} must be a positive int, got {value!r}")
         if mode not in ("min", "max"):
             raise ValueError(f"ShardedCheckpointManager: mode must be 'min' or 'max', got {mode!r}")
         if mesh is not None and not isinstance(mesh, Mesh):
             raise TypeError(f"ShardedCheckpointManager: mesh must be an ftrain.Mesh, got {type(mesh).__name__}")
         self.directory = Path(directory).absolute()
         self.mesh = mesh if mesh is not None else Mesh.local()
-        self.save_every, self.keep, self.best, self.mode, self.async_save = save_every, keep, best, mode, async_save
+        self.save_every, self.keep, self.best, self.mode = save_every, keep, best, mode
+        self.keep_best, self.async_save = keep_best, async_save
         self._lock = threading.Lock()
         self._pending: Future | None = None
         self._committed: threading.Event | None = None
@@ -148,13 +153,14 @@ class ShardedCheckpointManager:
     ) -> bool:
         """Write ``state`` at step ``int(state.step)`` from every rank; returns whether it saved.
 
-        A step that is already committed is skipped unless ``force``. ``data`` (the data
-        position) and ``metrics`` are stored as JSON beside it (rank 0's values). With
-        ``async_save`` this returns once the state is copied to host memory.
+        Skipped (``False``) when the step is already committed, or when ``save_every`` is
+        set, ``force`` is not, and :meth:`should_save` says no. ``data`` (the data position)
+        and ``metrics`` are stored as JSON beside it (rank 0's values). With ``async_save``
+        this returns once the state is copied to host memory.
         """
         self.wait()  # one save in flight; also surfaces an error of the previous one
         step = int(state.step)
-        if step in self.all_steps() and not force:
+        if step in self.all_steps() or (not force and self.save_every is not None and not self.should_save(step)):
             return False
         metrics = {k: float(v) for k, v in (metrics or {}).items()}
         if self.best is not None and self.best not in metrics:
@@ -214,16 +220,14 @@ class ShardedCheckpointManager:
             self._rotate()
 
     def _rotate(self) -> None:
-        steps = self.all_steps()
-        if len(steps) <= self.keep:
+        if self.keep is None:
             return
-        latest = steps[-1]
-        if self.best is None:
-            kept = set(steps[-self.keep :])
-        else:
+        steps = self.all_steps()
+        kept = set(steps[-self.keep :])
+        if self.best is not None:
             sign = 1.0 if self.mode == "min" else -1.0
             scored = sorted(steps, key=lambda s: (sign * self._metric(s), -s))
-            kept = set(scored[: self.keep]) | {latest}
+            kept |= set(scored[: self.keep_best])
         for s in steps:
             if s not in kept:
                 shutil.rmtree(self.directory / str(s), ignore_errors=True)

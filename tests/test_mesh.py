@@ -224,17 +224,20 @@ def test_checkpoint_keep_last_and_resume_position(tmp_path, async_save):
     for step in (2, 4, 6):
         assert manager.save(_state_at(state, step), data={"epoch": 0, "batch": step})
     assert not manager.save(_state_at(state, 6))  # already committed
+    assert not manager.save(_state_at(state, 7))  # off the save_every schedule
     manager.wait()
     assert manager.all_steps() == [4, 6]
     restored, extras = manager.restore_latest(state)
     assert ftrain.tree.equal(restored.params, _state_at(state, 6).params)
     assert extras["data"] == {"epoch": 0, "batch": 6} and int(restored.step) == 6
+    assert manager.save(_state_at(state, 7), force=True)  # e.g. the loop's save at the end
     manager.close()
+    assert manager.all_steps() == [6, 7]
 
 
 def test_checkpoint_keep_best_and_latest(tmp_path):
     state = mesh_worker.make_state(seed=0)
-    manager = ShardedCheckpointManager(tmp_path, keep=2, best="val/loss", mode="min", async_save=False)
+    manager = ShardedCheckpointManager(tmp_path, keep=1, best="val/loss", keep_best=2, async_save=False)
     for step, loss in ((1, 0.5), (2, 0.1), (3, 0.9), (4, 0.3), (5, 0.8)):
         manager.save(_state_at(state, step), metrics={"val/loss": loss})
     assert manager.all_steps() == [2, 4, 5]  # the 2 best, and the newest for resuming
