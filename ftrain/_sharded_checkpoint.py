@@ -7,6 +7,12 @@ once), and reshards on load (2 ranks -> 1 process, ``Shard(0)`` -> full). What D
 this module adds: step directories, an atomic commit, keep-last / keep-best rotation and
 "latest", with the same duck-typed interface as :class:`ftrain.CheckpointManager`.
 
+Measured (``benchmarks/mesh_checkpoint.py``, 0.38 GiB Adam state, 2 gloo ranks on a shared
+2-core CPU): a sharded sync save 1.06 s vs 1.79 s for orbax writing the replicated state from
+rank 0 alone; an async save blocks the loop 0.59 s; a replicated state through DCP 1.37 s
+(each tensor written once, spread over the ranks); restore 1.04 s on 2 ranks, 2.2 s into one
+process.
+
 Layout::
 
     directory/
