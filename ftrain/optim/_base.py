@@ -156,3 +156,22 @@ def need_params(owner: str, params: PyTree) -> None:
     """Raise if a transform that reads the params was called without them."""
     if params is None:
         raise ValueError(f"{owner} needs the current params: call tx.update(grads, opt_state, params)")
+
+
+_REALIZE_WIDTH = 16  # wider than inductor's unroll_reductions_threshold (8), so the reduction stays a kernel
+
+
+def materialize(*scalars: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Compute 0-d bookkeeping tensors once per step instead of once per element.
+
+    Under ``torch.compile``, inductor inlines cheap scalar math (``b1 ** t``, a cosine
+    schedule) into every elementwise kernel that reads it, so it is recomputed for each
+    element of each parameter: measured 3-4x slower Adam updates on CPU. A max over a few
+    copies of each value is a real reduction, so inductor computes it once, and it is exact.
+    Eager mode returns the inputs unchanged.
+    """
+    if not torch.compiler.is_compiling() or not scalars:
+        return scalars
+    stacked = torch.stack([s.to(SCALAR_DTYPE) for s in scalars])
+    realized = stacked.unsqueeze(-1).expand(len(scalars), _REALIZE_WIDTH).amax(-1)
+    return tuple(realized.unbind(0))

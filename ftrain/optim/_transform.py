@@ -22,6 +22,7 @@ from ._base import (
     ScalarOrSchedule,
     cast_like,
     check_hyperparam,
+    materialize,
     need_params,
     zero_count,
 )
@@ -110,7 +111,7 @@ def scale_by_schedule(step_size_fn: Any) -> GradientTransformation:
         return ScaleByScheduleState(zero_count(params))
 
     def update(updates: PyTree, state: ScaleByScheduleState, params: PyTree = None):
-        s = torch.as_tensor(step_size_fn(state.count))
+        (s,) = materialize(torch.as_tensor(step_size_fn(state.count)))
         return tree.map(lambda u: u * s.to(u.dtype), updates), ScaleByScheduleState(state.count + 1)
 
     return GradientTransformation(init, update)
@@ -252,8 +253,7 @@ def scale_by_adam(
     def update(updates: PyTree, state: ScaleByAdamState, params: PyTree = None):
         count = state.count + 1
         t = _float_count(count)
-        bc1 = 1.0 - b1**t
-        bc2_sqrt = torch.sqrt(1.0 - b2**t)
+        bc1, bc2_sqrt = materialize(1.0 - b1**t, torch.sqrt(1.0 - b2**t))
         mu = tree.map(lambda g, m: torch.lerp(m, g, cast_like(_one_minus(b1), m)), updates, state.mu)
         nu = tree.map(lambda g, v: v * cast_like(b2, v) + cast_like(_one_minus(b2), v) * g * g, updates, state.nu)
         nu_max = tree.map(torch.maximum, state.nu_max, nu) if amsgrad else None
@@ -321,6 +321,7 @@ def scale_by_nadam(
         mu_product = state.mu_product * mu_t
         coef_g = (1.0 - mu_t) / (1.0 - mu_product)
         coef_m = mu_next / (1.0 - mu_product * mu_next)
+        bc2, coef_g, coef_m = materialize(bc2, coef_g, coef_m)
         mu = tree.map(lambda g, m: torch.lerp(m, g, cast_like(_one_minus(b1), m)), updates, state.mu)
         nu = tree.map(lambda g, v: v * cast_like(b2, v) + cast_like(_one_minus(b2), v) * g * g, updates, state.nu)
 
@@ -386,12 +387,14 @@ def scale_by_radam(
         rect = torch.sqrt(
             torch.clamp((rho_t - 4.0) * (rho_t - 2.0) * rho_inf / ((rho_inf - 4.0) * (rho_inf - 2.0) * rho_t), min=0.0)
         )
+        bc1, bc2_sqrt, rect, rectify = materialize(bc1, torch.sqrt(bc2), rect, rectify)
+        rectify = rectify > 0
         mu = tree.map(lambda g, m: torch.lerp(m, g, cast_like(_one_minus(b1), m)), updates, state.mu)
         nu = tree.map(lambda g, v: v * cast_like(b2, v) + cast_like(_one_minus(b2), v) * g * g, updates, state.nu)
 
         def direction(m: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             m_hat = m / bc1.to(m.dtype)
-            adaptive = torch.sqrt(bc2).to(v.dtype) / (torch.sqrt(v) + cast_like(eps, v))
+            adaptive = bc2_sqrt.to(v.dtype) / (torch.sqrt(v) + cast_like(eps, v))
             return torch.where(rectify, m_hat * adaptive * rect.to(m.dtype), m_hat)
 
         return tree.map(direction, mu, nu), ScaleByRadamState(count, mu, nu)
@@ -570,7 +573,7 @@ def clip_by_global_norm(max_norm: float | torch.Tensor) -> GradientTransformatio
         if not tree.leaves(updates):
             return updates, state
         norm = tree.global_norm(updates)
-        coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        (coef,) = materialize(torch.clamp(max_norm / (norm + 1e-6), max=1.0))
         return tree.map(lambda u: u * coef.to(u.dtype), updates), state
 
     return GradientTransformation(init, update)

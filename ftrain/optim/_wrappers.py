@@ -12,7 +12,7 @@ import optree
 import torch
 
 from .. import tree
-from ._base import GradientTransformation, PyTree, params_device, zero_count
+from ._base import GradientTransformation, PyTree, materialize, params_device, zero_count
 
 __all__ = [
     "ApplyIfFiniteState",
@@ -452,7 +452,8 @@ def inject_hyperparams(
             hp = dict(state.hyperparams)
             for name, fn in schedules.items():
                 old = state.hyperparams[name]
-                hp[name] = torch.as_tensor(fn(state.count)).to(dtype=old.dtype, device=old.device)
+                (value,) = materialize(torch.as_tensor(fn(state.count)))
+                hp[name] = value.to(dtype=old.dtype, device=old.device)
             inner = inner_factory(**static, **hp)
             updates, inner_state = inner.update(updates, state.inner_state, params)
             return updates, InjectHyperparamsState(state.count + 1, hp, inner_state)
