@@ -37,7 +37,7 @@ import torch
 
 from . import tree
 from .metrics import Accumulator
-from .writers import MultiWriter, _format
+from .writers import MultiWriter, _format, is_rank_zero
 
 __all__ = [
     "Action",
@@ -580,7 +580,10 @@ class StopOnNonFinite:
     ``train_step.donate``: the step must not overwrite the state being kept.
     That costs the memory of one more state (no copy) and a host sync every
     ``every`` steps. With ``every > 1``, the losses are summed on the device
-    between checks, and the run rolls back to the state at the last check.
+    between checks, and the run rolls back to the state at the last check;
+    a checkpoint saved between two checks is not checked, so pick ``every``
+    dividing the checkpoint interval (the default, 1, checks every state before
+    any other action sees it).
 
     Args:
         metric: the step metric to check (default ``"loss"``).
@@ -648,7 +651,8 @@ class ProgressBar:
     """A tqdm progress bar (rate, ETA), moved and labelled only at its interval with host values.
 
     Between intervals it does nothing, so it never syncs the device. It shows
-    the latest published ``train/*`` and ``val/*`` values.
+    the latest published ``train/*`` and ``val/*`` values. Under
+    ``torch.distributed`` only rank 0 draws it.
 
     Args:
         every: the refresh interval (``fit`` uses ``log_every``).
@@ -676,6 +680,8 @@ class ProgressBar:
         self._bar: Any = None
 
     def start(self, run: Run) -> None:
+        if not is_rank_zero():  # one bar per job, not one per process
+            return
         from tqdm.auto import tqdm
 
         kwargs = {"unit": "step", "dynamic_ncols": True, "desc": "fit", **self.tqdm_kwargs}

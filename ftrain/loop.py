@@ -16,6 +16,7 @@ flags on ``fit``: :func:`limit_batches` (limit train/eval batches),
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import time
 import warnings
@@ -178,7 +179,8 @@ def fit(
         log_every: how often (steps) the train metrics are synced, published as
             ``train/<name>`` and written.
         hparams: the run's hyperparameters / config, written once at the start.
-        progress: show a tqdm progress bar (refreshed every ``log_every`` steps).
+        progress: show a tqdm progress bar (refreshed every ``log_every`` steps; on
+            rank 0 only; skipped if tqdm is not installed).
         actions: more actions (see :mod:`ftrain.actions`): early stopping, profiling, your own.
 
     Returns:
@@ -265,10 +267,17 @@ def fit(
         if eval_every is None and steps_per_epoch is not None:
             eval_every = Every(epochs=1)
         built.append(Evaluate(eval_step, eval_data, every=eval_every))
-    if progress:
+    if progress and importlib.util.find_spec("tqdm") is not None:
         built.append(ProgressBar(log_trigger))
     if manager is not None:
         built.append(manager)
+    for a in built:
+        trigger = getattr(a, "every", None)
+        if isinstance(trigger, Every) and trigger.epochs is not None and steps_per_epoch is None:
+            raise ValueError(
+                f"fit: an interval in epochs ({trigger}) needs data with a len(), but {type(data).__name__} has "
+                "none; give eval_every/log_every in steps (an int) instead"
+            )
     acts = sorted([*built, *actions], key=lambda a: getattr(a, "order", 0))
     keeps_states = any(getattr(a, "keeps_old_states", False) for a in acts)
     donate = getattr(train_step, "donate", None)
@@ -314,6 +323,9 @@ def _loop(run: Run, step_fn: Callable, batches: Iterator[Any], device: torch.dev
     """The hot loop: no host sync here; actions decide when to look at values."""
     monotonic = time.monotonic
     metrics_update = run.train_metrics.update
+    # Batches come from host memory; on a CPU state there is nothing to move (and mapping over
+    # the batch would cost more than a small step's compiled call).
+    move = device.type != "cpu"
     first = True
     while total is None or run.step < total:
         try:
@@ -327,7 +339,8 @@ def _loop(run: Run, step_fn: Callable, batches: Iterator[Any], device: torch.dev
                 "checkpoints already written are intact",
             )
             raise
-        batch = _to_device(batch, device)
+        if move:
+            batch = _to_device(batch, device)
         try:
             state, metrics = step_fn(run.state, batch)
         except Exception as e:

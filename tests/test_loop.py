@@ -318,6 +318,12 @@ def test_bad_arguments_are_refused_before_the_first_step(kwargs, error, match):
     assert calls == []
 
 
+def test_an_epoch_interval_needs_data_with_a_length():
+    gen = (b for b in const_batches(4))
+    with pytest.raises(ValueError, match=r"interval in epochs \(Every\(epochs=1/2\)\) needs data with a len\(\)"):
+        ftrain.fit(tiny_state(), batch_step, gen, eval_step=lambda s, b: {}, eval_data=[1], eval_every=0.5)
+
+
 def test_empty_data():
     with pytest.raises(ValueError, match=r"training data is empty \(len\(data\) == 0"):
         ftrain.fit(tiny_state(), batch_step, [], num_steps=3)
