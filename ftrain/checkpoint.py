@@ -306,8 +306,8 @@ class CheckpointManager:
             # best_fn only makes orbax read the saved metrics back; BestN above decides what is kept.
             best_fn=(lambda metrics: metrics.get(best, worst)) if self.best is not None else None,
             best_mode=self.mode,
-            # Always orbax's async path, even for async_save=False (save() then waits): its blocking path
-            # copies the zero-copy arrays again and measured ~3x slower (benchmarks/checkpoint_io.py).
+            # One write path for both modes: async_save=False is the async write plus a wait in save()
+            # (measured as fast as orbax's blocking checkpointer here).
             enable_async_checkpointing=True,
             preservation_policy=policies.AnyPreservationPolicy(keep_policies),
             cleanup_tmp_directories=self.primary,
