@@ -276,6 +276,8 @@ class Mesh:
         >>> Mesh.local().pmean({"w": torch.ones(1)})
         {'w': tensor([1.])}
         """
+        if like is not None:
+            self._check_sharded(like, "params")
         if self._world == 1:
             return grads
         paths, leaves, spec = tree.flatten_with_path(grads)
@@ -300,7 +302,21 @@ class Mesh:
         transform fails) and give the gradients back to :meth:`pmean` with ``like=params``.
         Plain leaves pass through untouched.
         """
+        self._check_sharded(params, "params")
         return tree.map(lambda t: t.full_tensor() if _is_dtensor(t) else t, params)
+
+    def _check_sharded(self, params: PyTree, name: str) -> None:
+        # Eager calls only (a step's first call and its fake-tensor pre-check): an error raised
+        # while dynamo traces would reach the user as an opaque "Observed exception".
+        if torch.compiler.is_compiling():
+            return
+        paths, leaves, _ = tree.flatten_with_path(params)
+        for path, t in zip(paths, leaves):
+            if _is_dtensor(t) and (self.device_mesh is None or t.device_mesh != self.device_mesh):
+                raise ValueError(
+                    f"{name}{'' if path == '<root>' else path} is a DTensor on {t.device_mesh} but the step runs on {self!r}; "
+                    "place the state on this mesh with mesh.shard(state) or mesh.replicate(state)"
+                )
 
     # ---------------------------------------------------------------- placing a state
     def replicate(self, state: PyTree) -> PyTree:
@@ -363,11 +379,7 @@ class Mesh:
             if not isinstance(t, torch.Tensor):
                 continue
             if _is_dtensor(t):
-                if self.device_mesh is None or t.device_mesh != self.device_mesh:
-                    raise ValueError(
-                        f"state leaf {path} is a DTensor on {t.device_mesh} but the step runs on {self!r}; "
-                        "place the state on this mesh with mesh.shard(state) or mesh.replicate(state)"
-                    )
+                self._check_sharded(t, f"state leaf {path}")
             elif t.device.type != self.device.type and t.device.type != "meta":
                 raise ValueError(
                     f"state leaf {path} is on {t.device} but {self!r} computes on {self.device.type}; "

@@ -171,6 +171,8 @@ def scenario_errors(args) -> None:
         params={**state.params, "0.weight": distribute_tensor(state.params["0.weight"], other, [Shard(0)])}
     )
     record("placement", lambda: mesh.check_state(alien))
+    batch = mesh.shard_batch(global_batch(0))
+    record("placement_step", lambda: make_step(mesh, "aot_eager")(alien, batch))  # fails before compiling
     record("shard_axis", lambda: mesh.shard(state))  # fsdp has size 1 on this mesh
     # Metrics are reduced only when read: rank-dependent values come back as their mean on every rank.
     errors["reduced"] = mesh.reduce_metrics({"rank": torch.tensor(float(rank)), "one": torch.tensor(1.0)})

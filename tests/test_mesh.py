@@ -148,6 +148,7 @@ def test_bad_inputs_fail_clearly_on_every_rank(errors_run):
         assert "global batch of 15 rows cannot be split evenly over 2" in report["batch"]
         assert "multiple of 2" in report["batch"]
         assert "params['0.weight']" in report["placement"] and "mesh.shard(state)" in report["placement"]
+        assert "params['0.weight'] is a DTensor on DeviceMesh((other=2)" in report["placement_step"]
         assert "nothing to shard over" in report["shard_axis"]
 
 
