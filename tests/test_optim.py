@@ -360,6 +360,17 @@ def test_inject_hyperparams_works_for_every_named_optimizer(name, float64):
     assert all(v.shape == () and v.dtype == torch.float64 for v in optim.get_hyperparams(state).values())
 
 
+def test_inject_hyperparams_keeps_low_precision_params_sane():
+    params = {"w": torch.ones(4, dtype=torch.bfloat16)}
+    tx = optim.inject_hyperparams(optim.adam)(1e-2)
+    state = tx.init(params)
+    assert optim.get_hyperparams(state)["b2"].dtype == torch.float32  # 0.999 is 1.0 in bfloat16
+    updates, state = tx.update({"w": torch.full((4,), 0.5, dtype=torch.bfloat16)}, state, params)
+    assert updates["w"].dtype == torch.bfloat16 and torch.allclose(
+        updates["w"].float(), torch.full((4,), -1e-2), rtol=1e-2
+    )
+
+
 # --- wrappers --------------------------------------------------------------------------------
 
 

@@ -402,7 +402,8 @@ def inject_hyperparams(
     tensor, and evaluates every schedule argument at the step count. Because they are tensors,
     reading or changing them between steps (:func:`set_hyperparams`) never recompiles a
     compiled step. Bools, ``None``, masks and names in ``static_args`` stay Python values.
-    The tensors take ``hyperparam_dtype``, else the dtype of the first floating-point param.
+    The tensors take ``hyperparam_dtype``, else float64 for float64 params and float32 otherwise
+    (a bfloat16 0.999 would round to 1.0).
 
     >>> import torch
     >>> from ftrain import optim
@@ -464,9 +465,11 @@ def inject_hyperparams(
 
 
 def _float_dtype(params: PyTree) -> torch.dtype:
+    # float64 params get float64 hyperparameters (exact against torch.optim); anything narrower
+    # gets float32: in bfloat16, b2=0.999 rounds to 1.0 and Adam's bias correction divides by 0.
     for leaf in tree.leaves(params):
         if isinstance(leaf, torch.Tensor) and leaf.is_floating_point():
-            return leaf.dtype
+            return torch.float64 if leaf.dtype == torch.float64 else torch.float32
     return torch.float32
 
 
