@@ -271,7 +271,8 @@ class Mesh:
         Plain tensors are all-reduced (one collective per dtype: the leaves are packed
         into one flat buffer). Where ``like`` (the params) holds DTensors, the matching
         gradient, which each rank computed in full, is reduce-scattered into that
-        param's placement instead (the FSDP/ZeRO-3 step). Identity on one process.
+        param's placement instead (the FSDP/ZeRO-3 step). Integer leaves are left as they
+        are. Identity on one process.
 
         >>> Mesh.local().pmean({"w": torch.ones(1)})
         {'w': tensor([1.])}
@@ -285,8 +286,11 @@ class Mesh:
         if len(targets) != len(leaves):
             tree.assert_same_structure(like, grads, names=["params", "grads"])
         out: list[Any] = list(leaves)
+        # Integer and bool leaves (counters) are left as they are: a mean would turn them into floats.
         plain = [
-            i for i, (g, t) in enumerate(zip(leaves, targets)) if not _is_dtensor(t) and isinstance(g, torch.Tensor)
+            i
+            for i, (g, t) in enumerate(zip(leaves, targets))
+            if not _is_dtensor(t) and isinstance(g, torch.Tensor) and (g.is_floating_point() or g.is_complex())
         ]
         for i, g in zip(plain, _all_reduce_mean([leaves[i] for i in plain], self._world)):
             out[i] = g

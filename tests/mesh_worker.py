@@ -176,6 +176,13 @@ def scenario_errors(args) -> None:
     record("shard_axis", lambda: mesh.shard(state))  # fsdp has size 1 on this mesh
     # Metrics are reduced only when read: rank-dependent values come back as their mean on every rank.
     errors["reduced"] = mesh.reduce_metrics({"rank": torch.tensor(float(rank)), "one": torch.tensor(1.0)})
+    # pmean (eager here) over a mixed tree: each float dtype averaged, integer counters untouched
+    mixed = {
+        "a": torch.tensor([1.0, 2.0]) * rank,
+        "b": torch.tensor(3.0 * rank, dtype=torch.float64),
+        "n": torch.tensor(rank),
+    }
+    errors["pmean"] = {k: [v.tolist(), str(v.dtype)] for k, v in mesh.pmean(mixed).items()}
     (out / f"errors_rank{rank}.json").write_text(json.dumps(errors))
     mesh.close()
 

@@ -141,6 +141,15 @@ def test_metrics_are_reduced_across_ranks_when_read(errors_run):
         assert report["reduced"] == {"rank": 0.5, "one": 1.0}
 
 
+def test_pmean_averages_each_float_leaf_and_keeps_counters(errors_run):
+    for rank, report in enumerate(errors_run):
+        assert report["pmean"] == {
+            "a": [[0.5, 1.0], "torch.float32"],
+            "b": [1.5, "torch.float64"],
+            "n": [rank, "torch.int64"],
+        }
+
+
 def test_bad_inputs_fail_clearly_on_every_rank(errors_run):
     for report in errors_run:
         assert "dp=3 x fsdp=1 = 3 ranks, but the job has world size 2" in report["mesh_size"]
