@@ -193,7 +193,7 @@ def test_truncated_or_corrupted_steps_name_the_step_and_file_and_restore_falls_b
 
 KILL_DURING_SAVE = textwrap.dedent(
     """
-    import sys, torch, ftrain
+    import glob, sys, time, torch, ftrain
     from torch import nn
     torch.manual_seed(0)
     state = ftrain.TrainState.create(nn.Linear(4, 4), ftrain.optim.sgd(0.1))
@@ -202,6 +202,8 @@ KILL_DURING_SAVE = textwrap.dedent(
     m.wait()
     big = {"w": torch.randn(8192, 8192), "v": torch.randn(8192, 8192)}  # 512 MB: the write takes a while
     m.save(state.replace(step=torch.tensor(2), params={**state.params, **big}))
+    while not glob.glob(sys.argv[1] + "/2.orbax-checkpoint-tmp*"):  # the writer thread has begun
+        time.sleep(0.001)
     print("saving", flush=True)
     m.wait()
     print("finished", flush=True)
@@ -278,3 +280,47 @@ def test_no_warnings_leak_from_orbax_on_a_plain_round_trip(tmp_path):
             m.save(make_state())
             m.wait()
             m.restore_latest(make_state())
+
+
+TWO_RANKS = textwrap.dedent(
+    """
+    import sys, torch, torch.distributed as dist, ftrain
+    from torch import nn
+    directory, rank, store = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    state = ftrain.TrainState.create(nn.Linear(4, 4), ftrain.optim.sgd(0.1)).replace(step=torch.tensor(3))
+    if rank == 0:
+        m = ftrain.CheckpointManager(directory)  # the primary creates the directory
+    dist.barrier()
+    if rank == 1:
+        m = ftrain.CheckpointManager(directory)
+        assert not m.primary and not m.save(state)  # replicated state: only rank 0 writes
+    if rank == 0:
+        assert m.primary and m.save(state)
+        m.wait()
+    dist.barrier()
+    torch.manual_seed(1)
+    restored, extras = m.restore_latest(ftrain.TrainState.create(nn.Linear(4, 4), ftrain.optim.sgd(0.1)))
+    assert extras["step"] == 3 and torch.equal(restored.params["weight"], state.params["weight"])
+    m.close()
+    dist.destroy_process_group()
+    print("ok", rank)
+    """
+)
+
+
+def test_under_torch_distributed_rank_0_writes_and_every_rank_restores(tmp_path):
+    store = tmp_path / "store"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", TWO_RANKS, str(tmp_path / "ckpt"), str(rank), str(store)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in range(2)
+    ]
+    for rank, proc in enumerate(procs):
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0 and out.strip() == f"ok {rank}", err[-3000:]
