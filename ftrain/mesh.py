@@ -119,7 +119,9 @@ class Mesh:
         Initializes the default process group if needed (gloo for ``device_type="cpu"``,
         NCCL for ``"cuda"``; the default is CUDA when available), with ``timeout``
         seconds for collectives, so a lost rank fails the job instead of hanging it.
-        Outside ``torchrun`` (no ``WORLD_SIZE``) it returns :meth:`local`.
+        Outside ``torchrun`` (no ``WORLD_SIZE``) it returns :meth:`local`; under
+        ``torchrun --nproc-per-node 1`` it still initializes the (1-rank) process group, so
+        a single-GPU run goes through NCCL like a multi-GPU one.
 
         Every check runs before any collective, so a bad size fails on every rank at once.
 
@@ -145,8 +147,8 @@ class Mesh:
                 f"(WORLD_SIZE={os.environ.get('WORLD_SIZE')!r}); launch with `torchrun --nproc-per-node {dp * fsdp}` "
                 f"or pass sizes whose product is {world}"
             )
-        if world == 1 and not dist.is_initialized():
-            return cls.local(_default_device(device_type))
+        if world == 1 and not dist.is_initialized() and "WORLD_SIZE" not in os.environ:
+            return cls.local(_default_device(device_type))  # plain `python train.py`: no process group
         owns = False
         if not dist.is_initialized():
             if backend is None:
