@@ -318,7 +318,9 @@ class CheckpointManager:
             self.directory,
             options=options,
             item_handlers={
-                "state": ocp.PyTreeCheckpointHandler(use_compression=self.compress),
+                "state": ocp.PyTreeCheckpointHandler(
+                    use_compression=self.compress, type_handler_registry=_type_handlers()
+                ),
                 "meta": ocp.JsonCheckpointHandler(),
             },
         )
@@ -631,6 +633,35 @@ class CheckpointManager:
             f"CheckpointManager({str(self.directory)!r}, save_every={self.save_every}, keep={self.keep}, "
             f"best={self.best!r}, mode={self.mode!r}, async_save={self.async_save})"
         )
+
+
+def _type_handlers() -> Any:
+    """orbax's default type handlers, with numpy arrays read through memory-mapped files.
+
+    The default reads each file into a buffer and then copies it into the array; mapping the file
+    saves a copy: restore went from ~2.3x to ~1.15x the time of ``torch.load`` (1 GB,
+    benchmarks/checkpoint_io.py). The arrays still get their own (anonymous, writable) memory.
+    """
+    import copy
+
+    import tensorstore as ts
+    from orbax.checkpoint import type_handlers
+
+    class MemmapNumpyHandler(type_handlers.NumpyHandler):
+        async def deserialize(self, infos, args=None):  # type: ignore[override]
+            mapped = []
+            for info in infos:
+                info = copy.copy(info)
+                spec = info.ts_context.spec.to_json() if info.ts_context is not None else {}
+                info.ts_context = ts.Context({**spec, "file_io_mode": {"mode": "memmap"}})
+                mapped.append(info)
+            return await super().deserialize(mapped, args)
+
+    import jax
+
+    # What _stage hands orbax: jax arrays (zero-copy leaves) and numpy arrays; scalars for safety.
+    defaults = [(ty, type_handlers.get_type_handler(ty)) for ty in (jax.Array, int, float, np.number)]
+    return type_handlers.create_type_handler_registry(*defaults, (np.ndarray, MemmapNumpyHandler()))
 
 
 def _differences(meta: Mapping[str, Any], tensors: Mapping[str, dict], scalars: Mapping[str, Any]) -> list[str]:
