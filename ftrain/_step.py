@@ -289,12 +289,12 @@ class _Step:
 
     def _admit(self, state: Any, batch: Any) -> None:
         _check_alive(state)
-        paths, leaves, spec = tree.flatten_with_path(batch)
-        signature = (spec, tuple((tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else x for x in leaves))
+        leaves, spec = tree.flatten(batch)  # (the hot path: paths only when something differs)
+        signature = (spec, tuple((x.shape, x.dtype) if isinstance(x, torch.Tensor) else x for x in leaves))
         if signature in self._seen:
             return
         if self._signature is not None and self.new_shapes == "error":
-            self._compare(signature, paths)
+            self._compare(signature, tree.flatten_with_path(batch)[0])
         if self.compiled:
             self._precheck(state, batch)
         if self._signature is None:
@@ -324,14 +324,14 @@ class _Step:
                     f"{self.kind}: {where} has dtype {dtype} but the first batch had {dtype0}; "
                     f"cast it (x.to({dtype0})) so the compiled step is reused"
                 )
-            if len(shape) == len(shape0) and shape[1:] == shape0[1:]:
+            if len(shape) == len(shape0) >= 1 and shape[1:] == shape0[1:]:
                 raise StepError(
                     f"{self.kind}: {where} has batch size {shape[0]} but the step was compiled for {shape0[0]}: "
                     "a partial last batch? Drop it (ftrain.data.Loader(drop_last=True)) or pad it, or pass "
                     "new_shapes='recompile' to allow one more compile with a dynamic batch dim"
                 )
             raise StepError(
-                f"{self.kind}: {where} has shape {shape} but the first batch had {shape0}; pass "
+                f"{self.kind}: {where} has shape {tuple(shape)} but the first batch had {tuple(shape0)}; pass "
                 "new_shapes='recompile' if shapes really vary (one recompile, then a dynamic-shape graph)"
             )
 
@@ -470,7 +470,7 @@ class TrainStep(_Step):
                     f"the step changed state.{path} from {_describe(a)} to {_describe(b)}; a leaf must keep its shape "
                     "and dtype, or every step would compile a new graph"
                 )
-        _check_metrics(metrics)
+        _check_metrics(metrics, scalar=False)  # (an ensemble step's metrics have one value per member)
 
 
 class EvalStep(_Step):
@@ -882,13 +882,13 @@ def _check_loss(loss: Any, metrics: dict, buffers: dict, new_buffers: Any) -> No
         )
 
 
-def _check_metrics(metrics: Any) -> None:
+def _check_metrics(metrics: Any, scalar: bool = True) -> None:
     if not isinstance(metrics, Mapping):
         raise StepError(f"metrics must be a dict of scalars, got {_describe(metrics)}")
     for name, value in metrics.items():
         if not isinstance(name, str):
             raise StepError(f"metric names must be strings, got {name!r}")
-        if isinstance(value, torch.Tensor) and value.dim() != 0:
+        if scalar and isinstance(value, torch.Tensor) and value.dim() != 0:
             raise StepError(
                 f"metric {name!r} has shape {tuple(value.shape)}; metrics must be scalars (0-d tensors): reduce it, "
                 "e.g. .mean()"

@@ -1,8 +1,8 @@
 """Compiled pure steps: equal to eager, compiled once, pure, donating, keyed randomness, precision.
 
 Distinct compiled functions here (compile time is the cost): the shared MLP train step (pure and
-donating) and eval step from ``mlp_setup``, a dropout+embedding+BatchNorm step, an fp16 step and a
-GAN step. Everything else runs eagerly (``compile=False``) or fails before compiling.
+donating) and eval step from ``mlp_setup``, a vmapped ensemble of it, a dropout+embedding+BatchNorm
+step, an fp16 step and a GAN step. Everything else runs eagerly (``compile=False``) or fails before compiling.
 """
 
 from __future__ import annotations
@@ -132,15 +132,21 @@ def test_vmap_over_a_stacked_state_equals_separate_runs(mlp_setup):
         for batch in batches:
             state, _ = eager_step(state, batch)
         separate.append(state)
-    ensemble = ftrain.stack_states(states)
+    ensemble = compiled_ensemble = ftrain.stack_states(states)
     assert ensemble.params["0.weight"].shape == (3, 32, 8)
     vstep = ftrain.vmap_step(mlp_setup.train_step)  # keyed dropout: each member uses its own key
+    compiled_vstep = ftrain.compile_step(ftrain.vmap_step(mlp_setup.train_step))  # the ensemble as one graph
     for i in range(3):
         batch = tree.stack([data[m][i] for m in range(3)])
         ensemble, metrics = vstep(ensemble, batch)
+        compiled_ensemble, _ = compiled_vstep(compiled_ensemble, batch)
     assert metrics["loss"].shape == (3,)
-    for member, expected in zip(ftrain.unstack_state(ensemble), separate):
+    assert compiled_vstep.num_compiles == 1
+    for member, compiled_member, expected in zip(
+        ftrain.unstack_state(ensemble), ftrain.unstack_state(compiled_ensemble), separate
+    ):
         assert leaves_close(member, expected)
+        assert leaves_close(compiled_member, expected)
 
 
 # ---------------------------------------------------------------------------------------------
