@@ -44,11 +44,16 @@ def make_state(seed: int) -> ftrain.TrainState:
     return ftrain.TrainState.create(make_model(seed), tx, key=ftrain.random.key(0))
 
 
-def global_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(1000 + step % 4)
-    x = torch.randn(GLOBAL_BATCH, DIM_IN, generator=g)
-    y = torch.randn(GLOBAL_BATCH, DIM_OUT, generator=g)
-    return x, y
+def make_loader(mesh: Mesh) -> ftrain.data.Loader:
+    """48 items, global batch 16: 3 steps an epoch, so a run crosses epochs. Each rank its slice."""
+    g = torch.Generator().manual_seed(1000)
+    data = torch.utils.data.TensorDataset(torch.randn(48, DIM_IN, generator=g), torch.randn(48, DIM_OUT, generator=g))
+    return ftrain.data.Loader(data, GLOBAL_BATCH, seed=0, **mesh.loader_kwargs())
+
+
+def forever(loader):
+    while True:
+        yield from loader
 
 
 def loss_fn(apply, params, buffers, batch, key):
@@ -67,15 +72,16 @@ def full(state) -> dict:
     return ftrain.tree.map(lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t, state)
 
 
-def train(mesh, state, step_fn, steps, manager=None, kill_at=None):
-    metrics = None
+def train(mesh, state, step_fn, steps, manager=None, kill_at=None, loader=None):
+    loader = loader if loader is not None else make_loader(mesh)
+    batches, metrics = forever(loader), None
     while int(state.step) < steps:
-        batch = mesh.shard_batch(global_batch(int(state.step)))
+        batch = next(batches)
         mesh.check_state(state)
         state, metrics = step_fn(state, batch)
         s = int(state.step)
         if manager is not None and manager.should_save(s):
-            manager.save(state, data={"next_step": s}, metrics={"loss": metrics["loss"]})
+            manager.save(state, data=loader.state_dict(), metrics={"loss": metrics["loss"]})
         if kill_at is not None and s == kill_at and mesh.rank == 1:
             os.kill(os.getpid(), signal.SIGKILL)  # a rank lost mid-run, as on a real cluster
     return state, metrics
@@ -138,10 +144,14 @@ def scenario_train(args) -> None:
     mesh = Mesh.from_env(fsdp=2)
     template = mesh.shard(make_state(seed=100 + rank))
     manager = ShardedCheckpointManager(out / "ckpt", mesh=mesh, save_every=2, keep=2)
+    loader = make_loader(mesh)
     restored = manager.restore_latest(template)
-    state, start = (template, 0) if restored is None else (restored[0], restored[1]["data"]["next_step"])
-    (out / f"start_rank{rank}.txt").write_text(str(start))
-    state, _ = train(mesh, state, make_step(mesh, args.backend), STEPS, manager, kill_at=args.kill_at)
+    state = template
+    if restored is not None:
+        state, extras = restored
+        loader.load_state_dict(extras["data"])  # the next batch, exactly where the saved run was
+    (out / f"start_rank{rank}.txt").write_text(str(int(state.step)))
+    state, _ = train(mesh, state, make_step(mesh, args.backend), STEPS, manager, kill_at=args.kill_at, loader=loader)
     manager.close()
     torch.save(tensors(state), out / f"final_rank{rank}.pt")
     mesh.close()
@@ -171,7 +181,7 @@ def scenario_errors(args) -> None:
         params={**state.params, "0.weight": distribute_tensor(state.params["0.weight"], other, [Shard(0)])}
     )
     record("placement", lambda: mesh.check_state(alien))
-    batch = mesh.shard_batch(global_batch(0))
+    batch = next(iter(make_loader(mesh)))
     record("placement_step", lambda: make_step(mesh, "aot_eager")(alien, batch))  # fails before compiling
     record("shard_axis", lambda: mesh.shard(state))  # fsdp has size 1 on this mesh
     # Metrics are reduced only when read: rank-dependent values come back as their mean on every rank.

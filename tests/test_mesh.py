@@ -112,7 +112,7 @@ def test_sharded_checkpoint_restores_on_two_ranks(main_run):
         report = json.loads((main_run / f"main_rank{rank}.json").read_text())
         assert report["restored_equal"] is True
         assert report["restored_kinds"] == ["DTensor"]  # restored into the template's shards
-        assert report["extras"]["data"] == {"next_step": mesh_worker.STEPS}
+        assert report["extras"]["data"] == {"seed": 0, "epoch": 2, "batch": 0, "size": 48}  # 6 steps = 2 epochs
         assert report["steps_on_disk"] == [4, 6]  # keep=2 rotated step 2 away
 
 
