@@ -469,6 +469,38 @@ def test_adamw_mask_limits_decay(float64):
         torch.testing.assert_close(ours[k], ref[k], rtol=1e-14, atol=1e-15)
 
 
+def test_vmap_over_stacked_optimizer_states():
+    """Eight seeds at once (torch.func.vmap over a stacked state) == one at a time; every block
+    that keeps a placeholder in its state (adam without amsgrad, rms not centered, masked) too."""
+    mask = {"w": True, "b": False}
+    tx = optim.chain(
+        optim.clip_by_global_norm(1.0),
+        optim.partition(
+            {"a": optim.inject_hyperparams(optim.adamw)(schedules.warmup_cosine_decay(0.0, 1e-2, 3, 20), mask=mask)},
+            {"w": "a", "b": "a"},
+        ),
+        optim.masked(optim.rmsprop(1e-3), mask),
+        optim.ema_params(0.9),
+    )
+    g = torch.Generator().manual_seed(0)
+    params = [{"w": torch.randn(3, 2, generator=g), "b": torch.randn(2, generator=g)} for _ in range(4)]
+    grads = [tree.map(lambda x: torch.randn(x.shape, generator=g), p) for p in params]
+
+    def update(p, s, g):
+        u, s = tx.update(g, s, p)
+        return optim.apply_updates(p, u), s
+
+    states = [tx.init(p) for p in params]
+    p_stacked, s_stacked = tree.stack(params), tree.stack(states)
+    for _ in range(3):
+        p_stacked, s_stacked = torch.func.vmap(update)(p_stacked, s_stacked, tree.stack(grads))
+    for i, (p, s) in enumerate(zip(params, states)):
+        for _ in range(3):
+            p, s = update(p, s, grads[i])
+        assert tree.allclose(tree.unstack(p_stacked)[i], p, rtol=1e-6, atol=1e-7)
+        assert tree.allclose(tree.unstack(s_stacked)[i], s, rtol=1e-6, atol=1e-7)
+
+
 # --- bad input -------------------------------------------------------------------------------
 
 

@@ -61,6 +61,7 @@ from ._transform import set_to_zero as set_to_zero
 from ._transform import trace as trace
 from ._wrappers import ApplyIfFiniteState as ApplyIfFiniteState
 from ._wrappers import InjectHyperparamsState as InjectHyperparamsState
+from ._wrappers import MaskedNode as MaskedNode
 from ._wrappers import MaskedState as MaskedState
 from ._wrappers import MultiSteps as MultiSteps
 from ._wrappers import MultiStepsState as MultiStepsState

@@ -209,7 +209,7 @@ def trace(decay: float | torch.Tensor, nesterov: bool = False) -> GradientTransf
 
 class ScaleByAdamState(NamedTuple):
     """State of :func:`scale_by_adam`: count (0-d int64), first/second moments, and the running
-    max of the second moment (``None`` unless ``amsgrad``)."""
+    max of the second moment (``()`` unless ``amsgrad``)."""
 
     count: torch.Tensor
     mu: PyTree
@@ -247,7 +247,8 @@ def scale_by_adam(
     check_hyperparam("scale_by_adam", "eps", eps)
 
     def init(params: PyTree) -> ScaleByAdamState:
-        nu_max = tree.zeros_like(params) if amsgrad else None
+        # () rather than None when absent: torch's pytree (vmap, dynamo) takes None for a leaf.
+        nu_max = tree.zeros_like(params) if amsgrad else ()
         return ScaleByAdamState(zero_count(params), tree.zeros_like(params), tree.zeros_like(params), nu_max)
 
     def update(updates: PyTree, state: ScaleByAdamState, params: PyTree = None):
@@ -256,7 +257,7 @@ def scale_by_adam(
         bc1, bc2_sqrt = materialize(1.0 - b1**t, torch.sqrt(1.0 - b2**t))
         mu = tree.map(lambda g, m: torch.lerp(m, g, cast_like(_one_minus(b1), m)), updates, state.mu)
         nu = tree.map(lambda g, v: v * cast_like(b2, v) + cast_like(_one_minus(b2), v) * g * g, updates, state.nu)
-        nu_max = tree.map(torch.maximum, state.nu_max, nu) if amsgrad else None
+        nu_max = tree.map(torch.maximum, state.nu_max, nu) if amsgrad else ()
         second = nu_max if amsgrad else nu
 
         def direction(m: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -404,7 +405,7 @@ def scale_by_radam(
 
 class ScaleByRmsState(NamedTuple):
     """State of :func:`scale_by_rms`: the running mean of squares, and of the gradient
-    (``None`` unless ``centered``)."""
+    (``()`` unless ``centered``)."""
 
     nu: PyTree
     mu: PyTree
@@ -435,7 +436,7 @@ def scale_by_rms(
 
     def init(params: PyTree) -> ScaleByRmsState:
         nu = tree.full_like(params, initial_scale)
-        return ScaleByRmsState(nu, tree.zeros_like(params) if centered else None)
+        return ScaleByRmsState(nu, tree.zeros_like(params) if centered else ())
 
     def update(updates: PyTree, state: ScaleByRmsState, params: PyTree = None):
         nu = tree.map(lambda g, v: v * cast_like(decay, v) + cast_like(_one_minus(decay), v) * g * g, updates, state.nu)
@@ -443,7 +444,7 @@ def scale_by_rms(
             mu = tree.map(lambda g, m: torch.lerp(m, g, cast_like(_one_minus(decay), m)), updates, state.mu)
             updates = tree.map(lambda g, v, m: g / (torch.sqrt(v - m * m) + cast_like(eps, v)), updates, nu, mu)
         else:
-            mu = None
+            mu = ()
             updates = tree.map(lambda g, v: g / (torch.sqrt(v) + cast_like(eps, v)), updates, nu)
         return updates, ScaleByRmsState(nu, mu)
 

@@ -17,6 +17,7 @@ from ._base import GradientTransformation, PyTree, materialize, params_device, z
 __all__ = [
     "ApplyIfFiniteState",
     "InjectHyperparamsState",
+    "MaskedNode",
     "MaskedState",
     "MultiSteps",
     "MultiStepsState",
@@ -38,31 +39,41 @@ def _check_transform(owner: str, what: str, tx: Any) -> None:
 
 
 # --- selecting a subset of the leaves ------------------------------------------------------
-# A leaf left out of a subset is replaced by None: optree treats None as an empty node, so the
-# inner transformation never sees it, and its state has None in that place too.
+# A leaf left out of a subset is replaced by MaskedNode(), an empty node for both optree and torch's
+# pytree (None would be a leaf to torch's, which breaks vmap): the inner transformation never sees
+# it, and its state has MaskedNode() in that place too.
 
 
-def _drop_none(t: PyTree) -> PyTree:
+class MaskedNode(NamedTuple):
+    """Stands in the optimizer state for a parameter that a :func:`masked` or :func:`partition`
+    transformation does not update (an empty pytree node: it holds no tensors)."""
+
+
+def _is_masked_node(x: Any) -> bool:
+    return isinstance(x, MaskedNode)
+
+
+def _drop_masked(t: PyTree) -> PyTree:
     if isinstance(t, dict):
-        return {k: _drop_none(v) for k, v in t.items() if v is not None}
+        return {k: _drop_masked(v) for k, v in t.items() if not _is_masked_node(v)}
     return t
 
 
 def _resolve_labels(owner: str, what: str, spec_or_fn: Any, params: PyTree) -> tuple[PyTree, list[Any]]:
-    """``(labels_tree, labels)``: one label per (non-``None``) leaf of ``params``.
+    """``(labels_tree, labels)``: one label per present leaf of ``params``.
 
-    Inside :func:`partition` or another :func:`masked`, the params hold ``None`` where a leaf
-    belongs to another group. The labels may then either cover every original parameter (the
-    entries at ``None`` places are ignored) or only the present ones.
+    Inside :func:`partition` or another :func:`masked`, the params hold ``MaskedNode()`` where a
+    leaf belongs to another group. The labels may then either cover every original parameter
+    (the entries at those places are ignored) or only the present ones.
     """
     labels_tree = spec_or_fn(params) if callable(spec_or_fn) else spec_or_fn
     if tree.structure(labels_tree) == tree.structure(params):
         return labels_tree, tree.leaves(labels_tree)
-    full, full_spec = optree.tree_flatten(params, none_is_leaf=True, namespace=tree.NAMESPACE)
-    if optree.tree_structure(labels_tree, none_is_leaf=True, namespace=tree.NAMESPACE) == full_spec:
-        labels = optree.tree_leaves(labels_tree, none_is_leaf=True, namespace=tree.NAMESPACE)
-        return labels_tree, [lab for lab, p in zip(labels, full) if p is not None]
-    present = _drop_none(params)
+    full, full_spec = optree.tree_flatten(params, is_leaf=_is_masked_node, namespace=tree.NAMESPACE)
+    if optree.tree_structure(labels_tree, namespace=tree.NAMESPACE) == full_spec:
+        labels = tree.leaves(labels_tree)
+        return labels_tree, [lab for lab, p in zip(labels, full) if not _is_masked_node(p)]
+    present = _drop_masked(params)
     try:
         tree.assert_same_structure(present, labels_tree, names=["params", what])
     except ValueError as e:
@@ -98,7 +109,7 @@ class _Resolved:
 
 def _select(t: PyTree, keep: Sequence[bool]) -> PyTree:
     leaves, spec = tree.flatten(t)
-    return tree.unflatten(spec, [x if k else None for x, k in zip(leaves, keep)])
+    return tree.unflatten(spec, [x if k else MaskedNode() for x, k in zip(leaves, keep)])
 
 
 def _merge(t: PyTree, keep: Sequence[bool], inner: PyTree) -> PyTree:
@@ -108,7 +119,7 @@ def _merge(t: PyTree, keep: Sequence[bool], inner: PyTree) -> PyTree:
 
 
 class MaskedState(NamedTuple):
-    """State of :func:`masked`: the inner state over the selected leaves (``None`` elsewhere)."""
+    """State of :func:`masked`: the inner state over the selected leaves (``MaskedNode()`` elsewhere)."""
 
     inner_state: PyTree
 
