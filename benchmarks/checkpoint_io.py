@@ -90,14 +90,27 @@ def main() -> None:
     }
     for r in range(1, args.repeats + 1):
         s = state.replace(step=torch.tensor(r))
-        rows["torch.save"].append(timed(torch.save, flat, root / "torch.pt")[0])
-        rows["torch.save+fsync"].append(timed(save_durably, flat, root / "torch_synced.pt")[0])
-        rows["sync save"].append(timed(sync.save, s)[0])
-        blocked, _ = timed(copying.save, s)
-        rows["async blocks (copy)"].append(blocked)
-        rows["async total (copy)"].append(blocked + timed(copying.wait)[0])
-        rows["async blocks (no copy)"].append(timed(aliasing.save, s)[0])
-        aliasing.wait()
+
+        def async_copy(s=s):
+            blocked, _ = timed(copying.save, s)
+            rows["async blocks (copy)"].append(blocked)
+            rows["async total (copy)"].append(blocked + timed(copying.wait)[0])
+
+        def async_nocopy(s=s):
+            rows["async blocks (no copy)"].append(timed(aliasing.save, s)[0])
+            aliasing.wait()
+
+        saves = [
+            lambda: rows["torch.save"].append(timed(torch.save, flat, root / "torch.pt")[0]),
+            lambda: rows["torch.save+fsync"].append(timed(save_durably, flat, root / "torch_synced.pt")[0]),
+            lambda s=s: rows["sync save"].append(timed(sync.save, s)[0]),
+            async_copy,
+            async_nocopy,
+        ]
+        # Rotate the order each round: a write right after another one can pay for its writeback.
+        for save in saves[r % len(saves) :] + saves[: r % len(saves)]:
+            save()
+        os.sync()
         rows["torch.load"].append(timed(torch.load, root / "torch.pt")[0])
         # The template gives the structure only: restore returns fresh tensors.
         t, restored = timed(sync.restore, into=state)
