@@ -64,8 +64,21 @@ def worker(args: argparse.Namespace) -> None:
         float(metrics["loss"])  # host sync: the step has finished
         if i >= args.warmup:
             times.append(time.perf_counter() - t)
+    # The gradient all-reduce alone (eager, same packing as inside the step): the price of data parallelism.
+    comm = []
+    for _ in range(5):
+        mesh.barrier()
+        t = time.perf_counter()
+        reduced = mesh.pmean(state.params)
+        float(next(iter(reduced.values())).sum())  # waits for the collective
+        comm.append(time.perf_counter() - t)
     if mesh.is_main:
-        print("RESULT " + json.dumps({"median_s": statistics.median(times), "loss": float(metrics["loss"])}))
+        result = {
+            "median_s": statistics.median(times),
+            "loss": float(metrics["loss"]),
+            "comm_s": statistics.median(comm),
+        }
+        print("RESULT " + json.dumps(result))
     mesh.close()
 
 
@@ -103,10 +116,16 @@ def main() -> None:
     configs = [(1, 1), (1, 2), (2, 1)]
     results = {c: launch(*c, args) for c in configs}
     print(f"MLP {args.width}-{2 * args.width}-{2 * args.width}-10, global batch {args.batch}, {args.steps} timed steps")
-    print(f"{'config':<24}{'median step':>14}{'samples/s':>12}{'final loss':>12}")
+    print(f"{'config':<24}{'median step':>14}{'samples/s':>12}{'grad all-reduce':>18}{'final loss':>14}")
     for (nproc, threads), r in results.items():
         name = f"{nproc} proc x {threads} thread"
-        print(f"{name:<24}{r['median_s'] * 1e3:>11.1f} ms{args.batch / r['median_s']:>12.0f}{r['loss']:>12.5f}")
+        comm = f"{r['comm_s'] * 1e3:.1f} ms" if nproc > 1 else "-"
+        print(
+            f"{name:<24}{r['median_s'] * 1e3:>11.1f} ms{args.batch / r['median_s']:>12.0f}{comm:>18}{r['loss']:>14.4e}"
+        )
+    print(
+        f"load average while measuring: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (the ratio needs an idle box)"
+    )
     base, two_threads, two_procs = (results[c]["median_s"] for c in configs)
     print(f"scaling ratio, 2 processes vs 1 process x 1 thread: {base / two_procs:.2f}x (ideal 2.00x)")
     print(f"2 processes vs 1 process x 2 threads (same cores):  {two_threads / two_procs:.2f}x")
