@@ -93,17 +93,28 @@ class _Resolved:
 
     Working them out walks Python trees of bools/strings, which ``torch.compile`` cannot trace
     with fullgraph; the result depends only on the params' structure, so the compiled
-    ``update`` reuses it. It is kept per leaf count, the only thing the trace can check for free.
+    ``update`` reuses it, keyed by the mask (or labels) object and the leaf count, the only
+    thing the trace can check for free. The store is shared by every transformation built
+    from the same mask object, because :func:`inject_hyperparams` rebuilds the inner
+    transformation at each update.
     """
 
-    def __init__(self) -> None:
-        self._by_count: dict[int, list[Any]] = {}
+    _store: dict[tuple[str, int, int], tuple[Any, list[Any]]] = {}
+
+    def __init__(self, kind: str, spec: Any) -> None:
+        self._kind, self._spec = kind, spec
+
+    def _key(self, params: PyTree) -> tuple[str, int, int]:
+        return (self._kind, id(self._spec), len(tree.leaves(params)))
 
     def get(self, params: PyTree) -> list[Any] | None:
-        return self._by_count.get(len(tree.leaves(params))) if torch.compiler.is_compiling() else None
+        if not torch.compiler.is_compiling():
+            return None  # eager: check the structure every time, for clear errors
+        entry = self._store.get(self._key(params))
+        return entry[1] if entry is not None and entry[0] is self._spec else None
 
     def put(self, params: PyTree, labels: list[Any]) -> list[Any]:
-        self._by_count[len(tree.leaves(params))] = labels
+        self._store[self._key(params)] = (self._spec, labels)
         return labels
 
 
@@ -141,7 +152,7 @@ def masked(inner: GradientTransformation, mask: PyTree | Callable[[PyTree], PyTr
     """
     _check_transform("masked", "inner", inner)
 
-    resolved = _Resolved()
+    resolved = _Resolved("masked", mask)
 
     def resolve(params: PyTree) -> list[bool]:
         if (cached := resolved.get(params)) is not None:
@@ -197,7 +208,7 @@ def partition(
     for label, tx in transforms.items():
         _check_transform("partition", f"transforms[{label!r}]", tx)
 
-    resolved = _Resolved()
+    resolved = _Resolved("partition", param_labels)
 
     def resolve(params: PyTree) -> list[Any]:
         if (cached := resolved.get(params)) is not None:
