@@ -362,11 +362,13 @@ class Mesh:
             )
         from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
-        placements = [Shard(0) if n == axis else Replicate() for n in AXES]
         state = self.replicate(state)  # every rank starts from rank 0's values
 
         def place(t: Any) -> Any:
             if isinstance(t, torch.Tensor) and t.dim() > 0:
+                # Fresh placement objects per leaf: shared ones make dynamo guard on their identity,
+                # and the step's outputs (which do not share them) would then recompile once.
+                placements = [Shard(0) if n == axis else Replicate() for n in AXES]
                 return distribute_tensor(t, self.device_mesh, placements)
             return t
 

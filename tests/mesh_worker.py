@@ -98,7 +98,8 @@ def scenario_main(args) -> None:
     # 1) data parallel: replicated state, each rank its half of every global batch
     mesh = Mesh.from_env()
     state = mesh.replicate(make_state(seed=100 + rank))
-    dp_state, metrics = train(mesh, state, make_step(mesh, args.backend), STEPS)
+    dp_step = make_step(mesh, args.backend)
+    dp_state, metrics = train(mesh, state, dp_step, STEPS)
     torch.save(tensors(dp_state), out / f"dp_rank{rank}.pt")
     # a replicated state's checkpoint: DCP de-duplicates, so each tensor is written by one rank only
     dp_manager = ShardedCheckpointManager(out / "dp_ckpt", mesh=mesh, async_save=False)
@@ -111,7 +112,8 @@ def scenario_main(args) -> None:
     sharded = fsdp.shard(make_state(seed=100 + rank))
     placements = {k: str(v.placements) for k, v in sharded.params.items()}
     manager = ShardedCheckpointManager(out / "ckpt", mesh=fsdp, save_every=2, keep=2)
-    sh_state, _ = train(fsdp, sharded, make_step(fsdp, args.backend), STEPS, manager)
+    sh_step = make_step(fsdp, args.backend)
+    sh_state, _ = train(fsdp, sharded, sh_step, STEPS, manager)
     manager.wait()
     torch.save(tensors(sh_state), out / f"fsdp_rank{rank}.pt")
     # 3) the sharded checkpoint restores on the same 2 ranks into a fresh sharded template
@@ -127,6 +129,7 @@ def scenario_main(args) -> None:
         "restored_kinds": kinds,
         "extras": extras,
         "steps_on_disk": manager.all_steps(),
+        "compiles": {"dp": dp_step.num_compiles, "fsdp": sh_step.num_compiles},
     }
     (out / f"main_rank{rank}.json").write_text(json.dumps(report))
     # 4) rank 0 alone: the single-process run over the whole global batch (no process group used)

@@ -105,6 +105,7 @@ def test_sharded_run_equals_replicated_run(main_run):
     replicated = tensors(main_run / "dp_rank0.pt")
     assert ftrain.tree.equal(sharded0, sharded1)
     assert max_diff(sharded0, replicated) <= 1e-6
+    assert report["compiles"] == {"dp": 1, "fsdp": 1}  # one graph each, no recompiles over 6 steps
 
 
 def test_sharded_checkpoint_restores_on_two_ranks(main_run):
