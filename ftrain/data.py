@@ -85,6 +85,10 @@ class Loader:
         collate_fn: turns a list of items into a batch (default:
             ``torch.utils.data.default_collate``).
         pin_memory: pin batches for faster host-to-GPU copies.
+        multiprocessing_context: how workers start (``"fork"``, ``"forkserver"``,
+            ``"spawn"``; default: the platform's). Once jax is imported (a
+            :class:`ftrain.CheckpointManager` imports it), jax warns on every
+            fork; ``"forkserver"`` avoids that for a picklable dataset.
 
     Example:
         >>> import torch
@@ -106,6 +110,7 @@ class Loader:
         world_size: int = 1,
         collate_fn: Callable[[list[Any]], Any] | None = None,
         pin_memory: bool = False,
+        multiprocessing_context: str | None = None,
     ):
         if not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
             raise TypeError(
@@ -140,6 +145,7 @@ class Loader:
         self.world_size = world_size
         self.collate_fn = collate_fn if collate_fn is not None else torch.utils.data.default_collate
         self.pin_memory = pin_memory
+        self.multiprocessing_context = multiprocessing_context
         self._size = size
         self._epoch = 0
         self._batch = 0
@@ -223,6 +229,7 @@ class Loader:
                 collate_fn=self.collate_fn,
                 pin_memory=self.pin_memory,
                 generator=torch.Generator().manual_seed(seed),
+                multiprocessing_context=self.multiprocessing_context,
             )
         for i, batch in enumerate(source, start=start):
             # The position moves before the yield: a checkpoint taken while the consumer holds

@@ -83,6 +83,8 @@ def test_ranks_split_each_global_batch_into_disjoint_slices():
         assert sum(parts, []) == whole
 
 
+# jax (imported by other test files' CheckpointManager) warns on every fork; the workers never touch jax.
+@pytest.mark.filterwarnings("ignore:os.fork\\(\\) was called:RuntimeWarning")
 def test_worker_processes_give_the_same_batches_and_resume():
     ds = Items(24)
     assert ids(Loader(ds, 4, seed=2, num_workers=2)) == ids(Loader(ds, 4, seed=2))
