@@ -94,6 +94,20 @@ def test_async_save_stages_a_copy_so_the_loop_may_overwrite_the_state(tmp_path):
     assert ftrain.tree.equal(restored.params, expected)
 
 
+def test_big_leaves_of_every_float_dtype_round_trip_through_the_zero_copy_path(tmp_path):
+    def model(seed):
+        torch.manual_seed(seed)  # 256x256 weights: 128-256 KiB, above the zero-copy threshold
+        layers = [nn.Linear(256, 256).to(dtype) for dtype in (torch.bfloat16, torch.float16, torch.float32)]
+        return nn.Sequential(*layers, nn.Linear(256, 2).to(torch.float64))
+
+    state = ftrain.TrainState.create(model(0), optim.sgd(0.1))
+    with manager(tmp_path, async_save=True) as m:
+        m.save(state)
+        m.wait()
+        restored = m.restore(into=ftrain.TrainState.create(model(1), optim.sgd(0.1)))
+    assert ftrain.tree.equal(restored.params, state.params)
+
+
 def test_keep_latest_and_best_by_metric(tmp_path):
     losses = {1: 0.9, 2: 0.2, 3: 0.5, 4: 0.7, 5: 0.8, 6: 0.6}
     state = make_state()
