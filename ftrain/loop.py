@@ -226,6 +226,11 @@ def fit(
     log_trigger = _trigger(log_every, "fit: log_every")
     writer = to_writer(log)
     manager = Checkpoint(checkpoint) if checkpoint is not None else None
+    if manager is not None and resume and not callable(getattr(checkpoint, "restore_latest", None)):
+        raise TypeError(
+            f"fit: resume=True needs checkpoint.restore_latest(template); a {type(checkpoint).__name__} has none "
+            "(pass resume=False to only save)"
+        )
     steps_per_epoch = _length(data)
     if steps_per_epoch == 0:
         raise ValueError(f"fit: the training data is empty (len(data) == 0, a {type(data).__name__})")
