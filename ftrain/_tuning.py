@@ -89,8 +89,7 @@ def lr_find(
         >>> import torch, ftrain
         >>> from torch import nn
         >>> from ftrain import optim
-        >>> torch.manual_seed(0)
-        <torch._C.Generator object at ...>
+        >>> _ = torch.manual_seed(0)
         >>> tx = optim.inject_hyperparams(optim.sgd)(learning_rate=0.1)
         >>> state = ftrain.TrainState.create(nn.Linear(4, 1), tx)
         >>> def loss_fn(apply, params, buffers, batch, key):
@@ -225,12 +224,13 @@ def find_batch_size(
         except Exception as e:
             if not _is_oom(e):
                 raise
-            return False
-        finally:
-            s = None
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+        # Out of memory: drop what the failed attempt still references (the traceback holds
+        # its frames) before the next, smaller try.
+        s = _metrics = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return False
 
     if not fits(start):
         raise RuntimeError(f"find_batch_size: even batch_size={start} runs out of memory")

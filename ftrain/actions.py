@@ -367,9 +367,10 @@ class Evaluate:
         at_end: also evaluate the final state (unless the last step just did).
 
     Example:
-        >>> import torch
+        >>> import torch, ftrain
+        >>> state = ftrain.TrainState.create(torch.nn.Linear(2, 1), ftrain.optim.sgd(0.1))
         >>> ev = Evaluate(lambda state, batch: {"loss": batch.sum()}, data=[torch.ones(2)], every=10)
-        >>> run = Run(state=None, step=10)
+        >>> run = Run(state=state, step=10)
         >>> ev(run)
         >>> run.latest
         {'val/loss': 2.0}

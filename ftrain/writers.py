@@ -8,13 +8,13 @@ Under ``torch.distributed`` only rank 0 writes: every writer here checks the ran
 each call, so the same script runs unchanged under ``torchrun``.
 
 Example:
-    >>> import tempfile, os
+    >>> import tempfile, pathlib
     >>> from ftrain import writers
-    >>> d = tempfile.mkdtemp()
-    >>> w = writers.MultiWriter([writers.JSONL(os.path.join(d, "m.jsonl")), writers.CSV(os.path.join(d, "m.csv"))])
+    >>> d = pathlib.Path(tempfile.mkdtemp())
+    >>> w = writers.MultiWriter([writers.JSONL(d / "m.jsonl"), writers.CSV(d / "m.csv")])
     >>> w.write_scalars(10, {"train/loss": 0.5})
     >>> w.close()
-    >>> open(os.path.join(d, "m.jsonl")).read()
+    >>> (d / "m.jsonl").read_text()
     '{"step": 10, "train/loss": 0.5}\\n'
 """
 
@@ -166,10 +166,10 @@ class JSONL:
         path: the ``.jsonl`` file; its directory is created.
 
     Example:
-        >>> import json, tempfile, os
-        >>> path = os.path.join(tempfile.mkdtemp(), "metrics.jsonl")
+        >>> import json, tempfile, pathlib
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "metrics.jsonl"
         >>> JSONL(path).write_scalars(3, {"val/acc": 0.9})
-        >>> json.loads(open(path).readline())
+        >>> json.loads(path.read_text())
         {'step': 3, 'val/acc': 0.9}
     """
 
@@ -208,10 +208,10 @@ class CSV:
         path: the ``.csv`` file; its directory is created and a header written if it is new.
 
     Example:
-        >>> import tempfile, os
-        >>> path = os.path.join(tempfile.mkdtemp(), "metrics.csv")
+        >>> import tempfile, pathlib
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "metrics.csv"
         >>> CSV(path).write_scalars(5, {"train/loss": 0.25})
-        >>> open(path).read().split()
+        >>> path.read_text().split()
         ['step,name,value', '5,train/loss,0.25']
     """
 
