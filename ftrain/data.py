@@ -26,6 +26,7 @@ Example:
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -86,9 +87,10 @@ class Loader:
             ``torch.utils.data.default_collate``).
         pin_memory: pin batches for faster host-to-GPU copies.
         multiprocessing_context: how workers start (``"fork"``, ``"forkserver"``,
-            ``"spawn"``; default: the platform's). Once jax is imported (a
-            :class:`ftrain.CheckpointManager` imports it), jax warns on every
-            fork; ``"forkserver"`` avoids that for a picklable dataset.
+            ``"spawn"``). Default: the platform's, except once jax is imported
+            (a :class:`ftrain.CheckpointManager` imports it): forking a process
+            that runs jax's threads can deadlock, so workers then start with
+            ``"forkserver"`` (the dataset must be picklable).
 
     Example:
         >>> import torch
@@ -229,7 +231,7 @@ class Loader:
                 collate_fn=self.collate_fn,
                 pin_memory=self.pin_memory,
                 generator=torch.Generator().manual_seed(seed),
-                multiprocessing_context=self.multiprocessing_context,
+                multiprocessing_context=self.multiprocessing_context or _default_context(),
             )
         for i, batch in enumerate(source, start=start):
             # The position moves before the yield: a checkpoint taken while the consumer holds
@@ -272,3 +274,8 @@ def _check_int(name: str, value: Any, low: int | None = None) -> None:
         raise TypeError(f"Loader: {name} must be an int, got {type(value).__name__} {value!r}")
     if low is not None and value < low:
         raise ValueError(f"Loader: {name} must be >= {low}, got {value}")
+
+
+def _default_context() -> str | None:
+    # jax warns (and may deadlock) when a process running its threads forks.
+    return "forkserver" if "jax" in sys.modules else None
