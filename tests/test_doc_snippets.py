@@ -36,13 +36,13 @@ def test_runnable_pages_exist_and_have_code():
         assert python_blocks(DOCS / name), f"docs/{name} has no python blocks"
 
 
-@pytest.mark.parametrize("page", sorted(str(p.relative_to(DOCS)) for p in DOCS.rglob("*.md")))
+@pytest.mark.parametrize("page", ["README.md", *sorted(str(p.relative_to(ROOT)) for p in DOCS.rglob("*.md"))])
 def test_every_python_block_parses(page):
-    for i, block in enumerate(python_blocks(DOCS / page)):
+    for i, block in enumerate(python_blocks(ROOT / page)):
         try:
             ast.parse(block)
         except SyntaxError as e:
-            pytest.fail(f"docs/{page}, python block {i}: {e}\n{block}")
+            pytest.fail(f"{page}, python block {i}: {e}\n{block}")
 
 
 @pytest.mark.slow
