@@ -428,7 +428,9 @@ class Checkpoint:
 
     When the step donates (overwrites its input state), the state is copied
     before an asynchronous save: the next step would otherwise write into the
-    tensors the background writer is still reading.
+    tensors the background writer is still reading. A manager whose
+    ``copies_state`` is true (``ftrain.CheckpointManager`` by default) stages
+    its own copy into reused buffers, so the action does not copy again.
 
     Args:
         manager: the checkpoint manager.
@@ -469,7 +471,7 @@ class Checkpoint:
 
     def _save(self, run: Run, force: bool) -> None:
         state = run.state
-        if run.donating:
+        if run.donating and not getattr(self.manager, "copies_state", False):
             state = tree.map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, state)
         self.manager.save(state, data=_data_position(run.data), metrics=dict(run.latest), force=force)
         self._last = run.step

@@ -373,6 +373,14 @@ class CheckpointManager:
             )
         return meta
 
+    @property
+    def copies_state(self) -> bool:
+        """True when :meth:`save` never reads the state's memory after it returns.
+
+        Then a donating loop may overwrite the state right away without copying it first.
+        """
+        return self.copy or not self.async_save
+
     def should_save(self, step: int) -> bool:
         """Whether the schedule (``save_every``) asks for a save after ``step``."""
         return self.save_every is not None and step > 0 and step % self.save_every == 0

@@ -10,7 +10,7 @@ from torch import nn
 
 import ftrain
 from ftrain import actions
-from ftrain.actions import Every, Run
+from ftrain.actions import Checkpoint, Every, Run
 
 
 def tiny_state():
@@ -290,6 +290,29 @@ def test_checkpoint_saves_on_schedule_at_the_end_and_copies_a_donated_state():
     live = {x.untyped_storage().data_ptr() for x in seen_states[-1].params.values()}
     assert all(not (set(ptrs) & live) for ptrs in saved_params), "a donated state was handed to save() uncopied"
     assert torch.equal(manager.saved[0][1]["bias"], tiny_state().params["bias"] + 1.0)
+
+
+def test_checkpoint_skips_its_copy_when_the_manager_stages_its_own():
+    class StagingManager(FakeManager):
+        copies_state = True
+
+    manager = StagingManager(every=2)
+    handed = []
+    real_save = manager.save
+
+    def save(state, **kw):
+        handed.append(state)
+        real_save(state, **kw)
+
+    manager.save = save
+    run = Run(state=tiny_state(), step=2, donating=True)
+    Checkpoint(manager)(run)
+    assert handed[0] is run.state, "the action copied a state the manager stages itself"
+    plain = FakeManager(every=2)
+    plain_handed = []
+    plain.save = lambda state, **kw: plain_handed.append(state)
+    Checkpoint(plain)(run)
+    assert plain_handed[0] is not run.state
 
 
 def test_checkpoint_sees_this_steps_evaluation():
