@@ -4,8 +4,9 @@ Shows two things a pure step has to handle explicitly:
 
 - BatchNorm's running statistics are *buffers*: the model returns new ones and the step stores
   them in the state (no in-place update of a module);
-- random augmentation (here: shift each image by up to one pixel in each direction) draws
-  from the key the step hands to `loss_fn`, so a rerun, or a resumed run, sees the same shifts.
+- random augmentation (here: shift each image by up to one pixel in each direction; flips
+  would not keep a digit's label) draws from the key the step hands to `loss_fn`, so a rerun,
+  or a resumed run, sees the same shifts.
 
     python examples/cnn.py
     python examples/cnn.py --smoke
