@@ -69,12 +69,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     train_step = ftrain.make_train_step(loss_fn, mesh=mesh, compile=not args.no_compile)
     manager = ftrain.ShardedCheckpointManager(args.out, mesh=mesh, save_every=max(1, args.steps // 4), keep=2)
-    # fit uses train_step.donate when the step has one; donating a sharded (DTensor) state is not
-    # supported by the step yet, so the sharded run calls the pure step.
-    step = train_step if args.fsdp == 1 else train_step.__call__
     state = ftrain.fit(
         state,
-        step,
+        train_step,
         loader,
         num_steps=args.steps,
         checkpoint=manager,

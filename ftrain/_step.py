@@ -786,6 +786,9 @@ def _check_no_aliasing(state: Any) -> None:
     for path, x in zip(paths, leaves):
         if not isinstance(x, torch.Tensor) or x.numel() == 0:
             continue
+        x = getattr(x, "_local_tensor", x)  # a DTensor's memory is its local shard
+        if x.numel() == 0:
+            continue
         ptr = x.untyped_storage().data_ptr()
         if ptr in seen:
             raise StepError(

@@ -121,18 +121,30 @@ def scenario_main(args) -> None:
     same = ftrain.tree.equal(tensors(restored), tensors(sh_state))
     kinds = sorted({type(v).__name__ for v in restored.params.values()})
     manager.close()
+    compiles = {"dp": dp_step.num_compiles, "fsdp": sh_step.num_compiles}
+    # 4) the donating step (what fit uses) on a sharded state: same numbers as the pure step,
+    # written into the shards it was given
+    batch = next(forever(make_loader(fsdp)))
+    pure, _ = sh_step(sh_state, batch)
+    donated_in = ftrain.tree.map(torch.clone, sh_state)
+    shard_ptr = donated_in.params["0.weight"].to_local().data_ptr()
+    donated, _ = sh_step.donate(donated_in, batch)
+    donate_equal = ftrain.tree.equal(tensors(donated), tensors(pure))
+    donate_in_place = donated.params["0.weight"].to_local().data_ptr() == shard_ptr
     report = {
         "local_loss": local_loss,
         "reduced": reduced,
         "placements": placements,
         "restored_equal": same,
         "restored_kinds": kinds,
+        "donate_equal": donate_equal,
+        "donate_in_place": donate_in_place,
         "extras": extras,
         "steps_on_disk": manager.all_steps(),
-        "compiles": {"dp": dp_step.num_compiles, "fsdp": sh_step.num_compiles},
+        "compiles": compiles,
     }
     (out / f"main_rank{rank}.json").write_text(json.dumps(report))
-    # 4) rank 0 alone: the single-process run over the whole global batch (no process group used)
+    # 5) rank 0 alone: the single-process run over the whole global batch (no process group used)
     if rank == 0:
         local = Mesh.local()
         ref, _ = train(local, make_state(seed=100), make_step(local, args.backend), STEPS)

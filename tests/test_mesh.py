@@ -108,6 +108,13 @@ def test_sharded_run_equals_replicated_run(main_run):
     assert report["compiles"] == {"dp": 1, "fsdp": 1}  # one graph each, no recompiles over 6 steps
 
 
+def test_sharded_state_donates_into_its_shards(main_run):
+    for rank in (0, 1):
+        report = json.loads((main_run / f"main_rank{rank}.json").read_text())
+        assert report["donate_equal"], "donating step on DTensor shards differs from the pure step"
+        assert report["donate_in_place"], "donating step did not write into the input shards"
+
+
 def test_sharded_checkpoint_restores_on_two_ranks(main_run):
     for rank in (0, 1):
         report = json.loads((main_run / f"main_rank{rank}.json").read_text())
