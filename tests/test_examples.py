@@ -11,7 +11,18 @@ EXAMPLES = sorted(p.name for p in (ROOT / "examples").glob("*.py") if not p.name
 # Smoke runs are eager (each example's --smoke turns compile off) except digits.py, whose smoke run
 # compiles its train step once. ddp.py (the mesh helper's) is compiled under torchrun by its own test;
 # here it runs as one eager process.
-EXTRA = {"ddp.py": ["--no-compile"]}
+# char_lm.py's smoke run also takes its --bf16 path (autocast inside the step, fp32 params).
+EXTRA = {"ddp.py": ["--no-compile"], "char_lm.py": ["--bf16"]}
+# What each example must report at the end of its run.
+REPORTS = {
+    "digits.py": "test accuracy",
+    "cnn.py": "BatchNorm buffers updated by the steps: 9 of 9",
+    "char_lm.py": "unigram baseline",
+    "gan.py": "modes",
+    "ensemble.py": "ensemble of 2: test accuracy",
+    "lr_find.py": "suggested learning rate",
+    "ddp.py": "val accuracy",
+}
 
 
 def _run(args, timeout):
@@ -40,4 +51,5 @@ def test_example_help(name):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", EXAMPLES)
 def test_example_smoke(name):
-    _run([f"examples/{name}", "--smoke", *EXTRA.get(name, [])], timeout=600)
+    out = _run([f"examples/{name}", "--smoke", *EXTRA.get(name, [])], timeout=600)
+    assert REPORTS.get(name, "") in out, f"{name} --smoke did not report {REPORTS[name]!r}:\n{out[-2000:]}"
