@@ -35,7 +35,7 @@ import torch.utils.data
 
 from . import random
 
-__all__ = ["Loader", "epoch_order"]
+__all__ = ["Loader", "default_collate", "epoch_order"]
 
 
 def epoch_order(size: int, seed: int, epoch: int, *, shuffle: bool = True) -> torch.Tensor:
@@ -84,7 +84,10 @@ class Loader:
         num_workers: ``DataLoader`` worker processes (0: load in this process).
         rank, world_size: this process's slice of each global batch.
         collate_fn: turns a list of items into a batch (default:
-            ``torch.utils.data.default_collate``).
+            ``torch.utils.data.default_collate``, except that tuple items give
+            tuple batches rather than lists, so a batch made by hand as
+            ``(x, y)`` has the same structure as the loader's and a compiled
+            step sees one batch type).
         pin_memory: pin batches for faster host-to-GPU copies.
         multiprocessing_context: how workers start (``"fork"``, ``"forkserver"``,
             ``"spawn"``). Default: the platform's, except once jax is imported
@@ -145,7 +148,7 @@ class Loader:
         self.num_workers = num_workers
         self.rank = rank
         self.world_size = world_size
-        self.collate_fn = collate_fn if collate_fn is not None else torch.utils.data.default_collate
+        self.collate_fn = collate_fn if collate_fn is not None else default_collate
         self.pin_memory = pin_memory
         self.multiprocessing_context = multiprocessing_context
         self._size = size
@@ -279,3 +282,13 @@ def _check_int(name: str, value: Any, low: int | None = None) -> None:
 def _default_context() -> str | None:
     # jax warns (and may deadlock) when a process running its threads forks.
     return "forkserver" if "jax" in sys.modules else None
+
+
+def default_collate(items: list[Any]) -> Any:
+    """``torch.utils.data.default_collate``, but tuple items give a tuple batch (torch gives a list).
+
+    >>> default_collate([(torch.tensor(1), torch.tensor(2)), (torch.tensor(3), torch.tensor(4))])
+    (tensor([1, 3]), tensor([2, 4]))
+    """
+    batch = torch.utils.data.default_collate(items)
+    return tuple(batch) if type(items[0]) is tuple and isinstance(batch, list) else batch

@@ -113,3 +113,13 @@ def test_bad_arguments_and_foreign_positions_are_refused():
         loader.load_state_dict({"epoch": 0, "batch": 9})
     with pytest.raises(ValueError, match="keys 'epoch' and 'batch'"):
         loader.load_state_dict({"step": 3})
+
+
+def test_tuple_items_give_tuple_batches_like_a_hand_made_batch():
+    # A compiled step guards on the batch's structure: a hand-made (x, y) and the loader's batch must match.
+    ds = torch.utils.data.TensorDataset(torch.arange(8.0), torch.arange(8))
+    x, y = next(iter(Loader(ds, 4, shuffle=False)))
+    batch = next(iter(Loader(ds, 4, shuffle=False)))
+    assert type(batch) is tuple and torch.equal(x, torch.arange(4.0)) and torch.equal(y, torch.arange(4))
+    dicts = [{"a": torch.tensor(i)} for i in range(4)]
+    assert torch.equal(next(iter(Loader(dicts, 4, shuffle=False)))["a"], torch.arange(4))
