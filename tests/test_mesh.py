@@ -149,6 +149,12 @@ def test_metrics_are_reduced_across_ranks_when_read(errors_run):
         assert report["reduced"] == {"rank": 0.5, "one": 1.0}
 
 
+def test_step_metrics_are_the_mean_over_ranks(main_run):
+    # Each rank sees its own half of the batch; the step's loss is averaged with the gradients.
+    losses = [json.loads((main_run / f"main_rank{r}.json").read_text())["local_loss"] for r in (0, 1)]
+    assert losses[0] == losses[1]
+
+
 def test_pmean_averages_each_float_leaf_and_keeps_counters(errors_run):
     for rank, report in enumerate(errors_run):
         assert report["pmean"] == {
