@@ -51,7 +51,9 @@ def to_meta(module: nn.Module) -> nn.Module:
         for slots, make in ((sub._parameters, _meta_param), (sub._buffers, _meta_tensor)):
             for name, t in slots.items():
                 if t is not None:
-                    slots[name] = fresh.setdefault(id(t), make(t))
+                    if id(t) not in fresh:  # a tied tensor: the second owner gets the first's meta copy
+                        fresh[id(t)] = make(t)
+                    slots[name] = fresh[id(t)]
     return module
 
 

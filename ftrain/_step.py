@@ -786,7 +786,7 @@ def _check_no_aliasing(state: Any) -> None:
     seen: dict[int, str] = {}
     paths, leaves, _ = tree.flatten_with_path(state)
     for path, x in zip(paths, leaves):
-        if not isinstance(x, torch.Tensor) or x.numel() == 0:
+        if not isinstance(x, torch.Tensor):
             continue
         x = getattr(x, "_local_tensor", x)  # a DTensor's memory is its local shard
         if x.numel() == 0:
