@@ -377,10 +377,28 @@ class _Step:
                 stack.callback(module.train, not self._train_mode)
             yield
 
-    def _run(self, fn: Callable, state: Any, batch: Any, check_output: bool = True) -> Any:
-        with self._context(state):
-            if id(fn) in self._ran:
+    def _hot(self, fn: Callable, state: Any, batch: Any) -> Any:
+        """``fn`` under :meth:`_context`, without a context manager's cost: the per-step path."""
+        apply = getattr(state, "apply_fn", None)
+        if isinstance(apply, ModuleApply) and apply.module.training != self._train_mode:
+            with self._context(state):
                 return fn(state, batch)
+        grad = torch.is_grad_enabled()
+        deterministic = self.deterministic and not torch.are_deterministic_algorithms_enabled()
+        torch._C._set_grad_enabled(False)
+        if deterministic:
+            torch.use_deterministic_algorithms(True)
+        try:
+            return fn(state, batch)
+        finally:
+            if deterministic:
+                torch.use_deterministic_algorithms(False)
+            torch._C._set_grad_enabled(grad)
+
+    def _run(self, fn: Callable, state: Any, batch: Any, check_output: bool = True) -> Any:
+        if id(fn) in self._ran:
+            return self._hot(fn, state, batch)
+        with self._context(state):
             global _CHECKING
             _CHECKING = not self.compiled  # eager: check the first call on the real tensors
             try:
@@ -435,16 +453,15 @@ class TrainStep(_Step):
         if self._direct():
             return self.core(state, batch)
         self._admit(state, batch)
-        leaves, spec = tree.flatten(state)
         if state not in _TRUSTED:
             _check_no_aliasing(state)
         if self._donating is None:
             fn = _donating(self.core)
             self._donating = self._compile(fn) if self.compiled else fn
         metrics = self._run(self._donating, state, batch, check_output=False)
-        new_state = tree.unflatten(spec, leaves)
-        _poison(state)
-        _TRUSTED.add(new_state)
+        new_state = _hand_over(state)
+        with contextlib.suppress(TypeError):  # (a plain dict state cannot be weakly referenced: checked each time)
+            _TRUSTED.add(new_state)
         return new_state, metrics
 
     def _check_output(self, state: Any, out: Any) -> None:
@@ -770,11 +787,23 @@ _DONATED = _Donated()
 _TRUSTED: weakref.WeakSet = weakref.WeakSet()  # states returned by .donate: known not to alias
 
 
-def _poison(state: Any) -> None:
-    if dataclasses.is_dataclass(state):
-        for field in dataclasses.fields(state):
-            if not field.metadata.get("static"):
-                object.__setattr__(state, field.name, _DONATED)
+_LEAF_FIELDS: dict[type, dict[str, _Donated]] = {}  # per state class: its non-static fields -> _DONATED
+
+
+def _hand_over(state: Any) -> Any:
+    """A new state object holding ``state``'s (now updated) tensors; ``state`` itself is poisoned."""
+    if not (dataclasses.is_dataclass(state) and hasattr(state, "__dict__")):
+        leaves, spec = tree.flatten(state)
+        return tree.unflatten(spec, leaves)
+    poison = _LEAF_FIELDS.get(type(state))
+    if poison is None:
+        fields = (f.name for f in dataclasses.fields(state) if not f.metadata.get("static"))
+        poison = _LEAF_FIELDS[type(state)] = dict.fromkeys(fields, _DONATED)
+    # (A shallow copy: the fields' containers are shared, and only the new object can reach them.)
+    new_state = object.__new__(type(state))
+    new_state.__dict__.update(state.__dict__)
+    state.__dict__.update(poison)
+    return new_state
 
 
 def _check_alive(state: Any) -> None:

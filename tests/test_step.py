@@ -88,6 +88,37 @@ def test_donate_gives_the_same_numbers_in_the_input_memory_and_consumes_the_inpu
         torch.add(tree.leaves(first)[0], 1)
 
 
+def test_donate_hands_over_any_state_class_and_plain_pytrees():
+    @dataclasses.dataclass(frozen=True, eq=False)
+    class WithEMA(ftrain.TrainState):
+        ema: dict = dataclasses.field(default_factory=dict)
+
+    def loss_fn(apply, params, buffers, batch, key):
+        return apply(params, buffers, batch)[0].square().mean()
+
+    def ema_step(state, batch):
+        state, metrics = make_step.core(state, batch)
+        return state.replace(ema=tree.map(lambda e, p: 0.9 * e + 0.1 * p, state.ema, state.params)), metrics
+
+    make_step = ftrain.make_train_step(loss_fn, compile=False)
+    base = ftrain.TrainState.create(nn.Linear(2, 1), optim.sgd(0.1))
+    state = WithEMA(
+        **{f.name: getattr(base, f.name) for f in dataclasses.fields(base)}, ema=tree.map(torch.clone, base.params)
+    )
+    step = ftrain.compile_step(ema_step, compile=False)
+    expected, _ = step(state, torch.ones(3, 2))
+    new, _ = step.donate(state, torch.ones(3, 2))
+    assert type(new) is WithEMA and new.apply_fn is state.apply_fn and leaves_equal(new, expected)
+    with pytest.raises(ftrain.DonatedStateError):
+        state.ema["weight"]
+    # A plain dict state (a step written from scratch): the new dict holds the input's tensors.
+    plain = {"w": torch.ones(2), "n": torch.zeros(())}
+    weights = plain["w"]
+    dict_step = ftrain.compile_step(lambda s, b: ({"w": s["w"] * b, "n": s["n"] + 1}, {}), compile=False)
+    out, _ = dict_step.donate(plain, torch.tensor(3.0))
+    assert out["w"] is weights and torch.equal(weights, torch.full((2,), 3.0)) and int(out["n"]) == 1
+
+
 def test_donate_refuses_a_state_whose_leaves_share_memory(mlp_setup):
     state = make_mlp_state(0)
     ema = state.params  # the same tensors under two fields
