@@ -2,7 +2,7 @@
 
 Scenarios (first argument):
   main    data-parallel run, sharded (fsdp) run with sharded checkpoints, restore on 2 ranks,
-          and (rank 0) the single-process reference over the global batch
+          a BatchNorm step, and (rank 0) the single-process reference over the global batch
   train   the sharded run alone, resumable from its checkpoints; ``--kill-at K`` makes
           rank 1 SIGKILL itself after step K
   errors  bad inputs: every rank records the error it gets
@@ -36,6 +36,16 @@ DIM_IN, DIM_OUT = 8, 3
 def make_model(seed: int) -> nn.Module:
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(DIM_IN, 32), nn.Tanh(), nn.Linear(32, DIM_OUT))
+
+
+def make_bn_model() -> nn.Module:
+    torch.manual_seed(3)
+    return nn.Sequential(nn.Linear(DIM_IN, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Linear(16, 1))
+
+
+def bn_loss_fn(apply, params, buffers, batch, key):
+    out, buffers = apply(params, buffers, batch)
+    return out.square().mean(), {}, buffers
 
 
 def make_state(seed: int) -> ftrain.TrainState:
@@ -144,7 +154,14 @@ def scenario_main(args) -> None:
         "compiles": compiles,
     }
     (out / f"main_rank{rank}.json").write_text(json.dumps(report))
-    # 5) rank 0 alone: the single-process run over the whole global batch (no process group used)
+    # 5) BatchNorm under data parallel: the step averages the running stats each rank updated
+    # from its own slice; saved beside each rank's own eager update from the same start
+    bn_state = mesh.replicate(ftrain.TrainState.create(make_bn_model(), optim.sgd(0.1)))
+    x = torch.randn(GLOBAL_BATCH // 2, DIM_IN, generator=torch.Generator().manual_seed(rank))
+    _, own = bn_state.apply_fn(bn_state.params, bn_state.buffers, x)
+    bn_new, _ = ftrain.make_train_step(bn_loss_fn, mesh=mesh, backend=args.backend)(bn_state, x)
+    torch.save({"stepped": bn_new.buffers, "own": own}, out / f"bn_rank{rank}.pt")
+    # 6) rank 0 alone: the single-process run over the whole global batch (no process group used)
     if rank == 0:
         local = Mesh.local()
         ref, _ = train(local, make_state(seed=100), make_step(local, args.backend), STEPS)

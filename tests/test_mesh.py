@@ -155,6 +155,17 @@ def test_step_metrics_are_the_mean_over_ranks(main_run):
     assert losses[0] == losses[1]
 
 
+def test_batchnorm_running_stats_are_averaged_over_ranks(main_run):
+    rank0, rank1 = tensors(main_run / "bn_rank0.pt"), tensors(main_run / "bn_rank1.pt")
+    assert ftrain.tree.equal(rank0["stepped"], rank1["stepped"]), "ranks' BatchNorm stats diverged"
+    for name in ("1.running_mean", "1.running_var"):  # each rank's own update differs: its own slice
+        assert not torch.equal(rank0["own"][name], rank1["own"][name])
+        mean = (rank0["own"][name] + rank1["own"][name]) / 2
+        torch.testing.assert_close(rank0["stepped"][name], mean, rtol=1e-6, atol=1e-7)
+    tracked = rank0["stepped"]["1.num_batches_tracked"]
+    assert tracked.dtype == torch.int64 and int(tracked) == 1  # a counter: kept, not averaged
+
+
 def test_pmean_averages_each_float_leaf_and_keeps_counters(errors_run):
     for rank, report in enumerate(errors_run):
         assert report["pmean"] == {
