@@ -6,8 +6,15 @@ when installed, ftrain's compiled pure step and its donating form. Then a peak-m
 ~55M-parameter MLP, each config in its own process (peak resident memory during steady steps,
 as a multiple of the params' size).
 
-Run: ``python benchmarks/step_throughput.py [--steps 30] [--repeats 5] [--threads 2] [--skip-memory]``.
-Medians over repeats; trust ratios, not absolute numbers, on a shared machine.
+The throughput part runs in ``--processes`` fresh processes, one after another: the eager
+baseline's speed differs from process to process (how often its temporaries fault in fresh pages
+depends on the allocator's state: the page-fault column shows it), so one process is one sample.
+Each process times the configs round robin in short chunks (``--repeats`` rounds of ``--steps``
+steps), so a change of load hits every config alike; the table gives the median of the
+per-process ratios and their range.
+
+Run: ``python benchmarks/step_throughput.py [--processes 3] [--repeats 20] [--steps 10] [--threads 2]
+[--skip-memory]``. Trust ratios, not absolute numbers, on a shared machine.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -131,6 +139,37 @@ def ftrain_runner(model: nn.Module, donate: bool) -> Callable[[tuple], None]:
     return step
 
 
+def matmul_floor_runner(model: nn.Module) -> Callable[[tuple], None] | None:
+    """Only the MLP step's matrix products (3 forward, 5 backward), into preallocated outputs.
+
+    No step can be faster than its matmuls, so ``eager AdamW / this`` is the most any compiler
+    or optimizer could win on this model and CPU. MLPs only (``None`` for other models).
+    """
+    layers = [m for m in model if isinstance(m, nn.Linear)] if isinstance(model, nn.Sequential) else []
+    if not layers or len(layers) != sum(1 for p in model.parameters()) // 2:
+        return None
+    ws = [layer.weight.detach() for layer in layers]
+    bs = [layer.bias.detach() for layer in layers]
+    bufs: dict[tuple, torch.Tensor] = {}
+
+    def buf(key: tuple, rows: int, cols: int) -> torch.Tensor:
+        if key not in bufs:
+            bufs[key] = torch.empty(rows, cols)
+        return bufs[key]
+
+    def step(batch):
+        h = [batch[0]]
+        for i, (w, b) in enumerate(zip(ws, bs)):  # forward: h @ W.T + b
+            h.append(torch.addmm(b, h[-1], w.t(), out=buf(("h", i), h[-1].shape[0], w.shape[0])))
+        g = h[-1]  # stands in for the loss gradient: same shape
+        for i in reversed(range(len(ws))):  # backward: dW = g.T @ h_in; dh_in = g @ W (not for the input)
+            torch.mm(g.t(), h[i], out=buf(("dw", i), *ws[i].shape))
+            if i:
+                g = torch.mm(g, ws[i], out=buf(("dh", i), g.shape[0], ws[i].shape[1]))
+
+    return step
+
+
 def lightning_runner(model: nn.Module, fused: bool) -> Callable[[tuple], None] | None:
     try:
         import lightning as L  # noqa: N812
@@ -169,49 +208,84 @@ def warm_up(step: Callable, batches: list, warmup: int = 3) -> None:
             step(batches[i % len(batches)])
 
 
-def time_steps(step: Callable, batches: list, steps: int) -> float:
-    """Steps/s over ``steps`` steps."""
+def time_steps(step: Callable, batches: list, steps: int) -> tuple[float, float]:
+    """Seconds per step and minor page faults per step, over ``steps`` steps."""
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     t = time.perf_counter()
     if getattr(step, "whole_loop", False):
         step([batches[i % len(batches)] for i in range(steps)])
     else:
         for i in range(steps):
             step(batches[i % len(batches)])
-    return steps / (time.perf_counter() - t)
+    seconds = (time.perf_counter() - t) / steps
+    return seconds, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / steps
 
 
+FLOOR = "the MLP's matmuls alone (floor)"
 CONFIGS: dict[str, Callable[[nn.Module], Callable | None]] = {
     "eager torch AdamW": lambda m: torch_runner(m, fused=False),
     "eager torch AdamW(fused=True)": lambda m: torch_runner(m, fused=True),
     "Lightning Trainer + AdamW": lambda m: lightning_runner(m, fused=False),
     "ftrain compiled (pure)": lambda m: ftrain_runner(m, donate=False),
     "ftrain compiled (donating)": lambda m: ftrain_runner(m, donate=True),
+    FLOOR: matmul_floor_runner,
+}
+REFERENCE = "eager torch AdamW"
+MODELS = {
+    "MLP 784-512-512-10, bs128": (mlp, lambda: mlp_data(8)),
+    "TinyGPT 2x128 + dropout, bs16x64": (TinyGPT, lambda: gpt_data(8)),
 }
 
 
-def throughput(args: argparse.Namespace) -> dict[str, dict[str, float | None]]:
-    models = {
-        "MLP 784-512-512-10, bs128": (mlp, mlp_data(8)),
-        "TinyGPT 2x128 + dropout, bs16x64": (TinyGPT, gpt_data(8)),
-    }
-    table: dict[str, dict[str, float | None]] = {}
-    for model_name, (build, batches) in models.items():
+def throughput_child(args: argparse.Namespace) -> None:
+    """One process: every config of every model, timed in alternating short chunks."""
+    torch.set_num_threads(args.threads)
+    out: dict[str, dict] = {}
+    for model_name, (build, data) in MODELS.items():
+        batches = data()
         runners = {}
         for name, make in CONFIGS.items():
             torch.manual_seed(0)
-            runners[name] = make(build())
-            if runners[name] is not None:
-                warm_up(runners[name], batches)
-        # Round robin over the configs in each repeat, so a load change on a shared machine hits all alike.
-        rates: dict[str, list[float]] = {name: [] for name, r in runners.items() if r is not None}
+            runner = make(build())
+            if runner is not None:
+                warm_up(runner, batches)
+                runners[name] = runner
+        # Round robin in short chunks, so a change of load on a shared machine hits every config alike.
+        samples: dict[str, list[tuple[float, float]]] = {name: [] for name in runners}
         for _ in range(args.repeats):
-            for name in rates:
-                rates[name].append(time_steps(runners[name], batches, args.steps))
-        table[model_name] = {name: (statistics.median(rates[name]) if name in rates else None) for name in runners}
-        for name, rate in table[model_name].items():
-            shown = "not installed" if rate is None else f"{rate:8.1f} steps/s"
-            print(f"  {model_name:34s} {name:32s} {shown}", flush=True)
-    return table
+            for name, runner in runners.items():
+                samples[name].append(time_steps(runner, batches, args.steps))
+        out[model_name] = {
+            name: {
+                "steps_per_s": 1 / statistics.median(s for s, _ in samples[name]),
+                "faults_per_step": statistics.median(f for _, f in samples[name]),
+            }
+            for name in runners
+        }
+    print(json.dumps(out))
+
+
+def throughput(args: argparse.Namespace) -> dict[str, dict[str, list[dict]]]:
+    """Run ``throughput_child`` in ``args.processes`` fresh processes, one after another."""
+    runs: dict[str, dict[str, list[dict]]] = {model: {name: [] for name in CONFIGS} for model in MODELS}
+    for i in range(args.processes):
+        argv = [sys.executable, __file__, "--throughput-child", "--threads", str(args.threads)]
+        argv += ["--steps", str(args.steps), "--repeats", str(args.repeats)]
+        proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+        if proc.returncode:
+            sys.exit(f"throughput child failed:\n{proc.stderr[-3000:]}")
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        print(f"process {i + 1}/{args.processes} (load average {os.getloadavg()[0]:.2f}):")
+        for model_name, rows in result.items():
+            ref = rows[REFERENCE]["steps_per_s"]
+            for name, row in rows.items():
+                runs[model_name][name].append(row)
+                print(
+                    f"  {model_name:34s} {name:30s} {row['steps_per_s']:7.1f} steps/s {row['steps_per_s'] / ref:5.2f}x "
+                    f"{row['faults_per_step']:7.0f} page faults/step",
+                    flush=True,
+                )
+    return runs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,7 +323,7 @@ def memory_child(config: str) -> None:
 def memory(args: argparse.Namespace) -> dict[str, float | None]:
     out: dict[str, float | None] = {}
     for name in CONFIGS:
-        if name.startswith("Lightning"):
+        if name.startswith("Lightning") or name == FLOOR:
             continue
         env = {**os.environ, "BENCH_THREADS": str(args.threads)}
         proc = subprocess.run(
@@ -266,26 +340,37 @@ def memory(args: argparse.Namespace) -> dict[str, float | None]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--processes", type=int, default=3, help="fresh processes to measure in (default 3)")
+    parser.add_argument("--repeats", type=int, default=20, help="rounds over the configs per process (default 20)")
+    parser.add_argument("--steps", type=int, default=10, help="steps per config per round (default 10)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--throughput-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
         memory_child(args.memory_child)
         return
-    torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} threads, {args.steps} steps x {args.repeats} repeats (median)")
-    table = throughput(args)
-    names = list(CONFIGS)
-    print("\n| config | " + " | ".join(table) + " |")
-    print("|---|" + "---|" * len(table))
-    for name in names:
+    if args.throughput_child:
+        throughput_child(args)
+        return
+    print(
+        f"torch {torch.__version__}, {args.threads} threads, {args.processes} processes x {args.repeats} rounds "
+        f"x {args.steps} steps per config (medians)"
+    )
+    runs = throughput(args)
+    print(f"\nSteps/s as a ratio to {REFERENCE!r}, median over the processes [lowest - highest]:")
+    print("\n| config | " + " | ".join(runs) + " |")
+    print("|---|" + "---|" * len(runs))
+    for name in CONFIGS:
         cells = []
-        for model_name in table:
-            rate, ref = table[model_name][name], table[model_name]["eager torch AdamW"]
-            cells.append("not installed" if rate is None else f"{rate / ref:.2f}x ({rate:.1f}/s)")
+        for by_config in runs.values():
+            if not by_config[name]:
+                cells.append("not installed" if name.startswith("Lightning") else "n/a")
+                continue
+            ratios = [r["steps_per_s"] / ref["steps_per_s"] for r, ref in zip(by_config[name], by_config[REFERENCE])]
+            rate = statistics.median(r["steps_per_s"] for r in by_config[name])
+            cells.append(f"{statistics.median(ratios):.2f}x [{min(ratios):.2f}-{max(ratios):.2f}] ({rate:.1f}/s)")
         print(f"| {name} | " + " | ".join(cells) + " |")
     if not args.skip_memory:
         print(f"\nPeak memory during steady steps, MLP {'-'.join(map(str, BIG))} (separate processes):")
