@@ -105,13 +105,8 @@ class TrainState:
             )
         if key is None:
             key = random.key(0)
-        elif not (isinstance(key, torch.Tensor) and key.dtype == torch.int64 and key.shape == (2,)):
-            got = (
-                f"a tensor of shape {tuple(key.shape)} and dtype {key.dtype}"
-                if isinstance(key, torch.Tensor)
-                else repr(key)
-            )
-            raise TypeError(f"TrainState.create: key must be made by ftrain.random.key(seed), got {got}")
+        else:
+            random._check_key(key, "TrainState.create(key=...)")
         device = next(iter(params.values())).device
         to_meta(model)
         with torch.no_grad():

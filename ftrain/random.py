@@ -61,12 +61,10 @@ def is_key(obj: object) -> bool:
     return isinstance(obj, torch.Tensor) and obj.dtype == torch.int64 and obj.dim() >= 1 and obj.shape[-1] == 2
 
 
-def _check_key(k: object, fn: str) -> torch.Tensor:
+def _check_key(k: object, who: str) -> torch.Tensor:
     if not (isinstance(k, torch.Tensor) and k.dtype == torch.int64 and k.shape == (2,)):
-        got = f"tensor of shape {tuple(k.shape)} and dtype {k.dtype}" if isinstance(k, torch.Tensor) else repr(k)
-        raise TypeError(
-            f"random.{fn} expects a key made by ftrain.random.key(seed) (int64 tensor of shape (2,)), got {got}"
-        )
+        got = f"a tensor of shape {tuple(k.shape)} and dtype {k.dtype}" if isinstance(k, torch.Tensor) else repr(k)
+        raise TypeError(f"{who} expects a key made by ftrain.random.key(seed) (int64 tensor of shape (2,)), got {got}")
     return k
 
 
@@ -75,7 +73,7 @@ def split(k: torch.Tensor, num: int = 2) -> torch.Tensor:
 
     Unpack them like a tuple: ``k1, k2 = split(k)``.
     """
-    _check_key(k, "split")
+    _check_key(k, "random.split")
     i = torch.arange(num, dtype=torch.int64, device=k.device)
     return torch.stack([_mix(_mix(k[0], i), k[1]), _mix(_mix(k[1], i ^ 0x2545F491), k[0])], dim=-1)
 
@@ -85,7 +83,7 @@ def fold_in(k: torch.Tensor, data: int | torch.Tensor) -> torch.Tensor:
 
     ``fold_in(k, step)`` gives every step its own key without storing one per step.
     """
-    _check_key(k, "fold_in")
+    _check_key(k, "random.fold_in")
     if isinstance(data, torch.Tensor):
         if data.dtype.is_floating_point or data.dtype.is_complex or data.numel() != 1:
             raise TypeError(
@@ -101,7 +99,7 @@ def fold_in(k: torch.Tensor, data: int | torch.Tensor) -> torch.Tensor:
 
 def bits(k: torch.Tensor, shape: Sequence[int], device: torch.device | str | None = None) -> torch.Tensor:
     """Uniform random 32-bit words (as int64 in ``[0, 2**32)``) of the given shape."""
-    _check_key(k, "bits")
+    _check_key(k, "random.bits")
     shape = tuple(shape)
     n = 1
     for s in shape:

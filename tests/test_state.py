@@ -95,7 +95,9 @@ def test_subclass_adds_fields_and_stays_a_pytree():
 def test_create_bad_inputs():
     with pytest.raises(ValueError, match="ReLU has no parameters"):
         ftrain.TrainState.create(nn.ReLU(), plain_sgd(0.1))
-    with pytest.raises(TypeError, match=r"key must be made by ftrain.random.key\(seed\), got 0"):
+    with pytest.raises(
+        TypeError, match=r"TrainState.create\(key=...\) expects a key made by ftrain.random.key\(seed\).*got 0"
+    ):
         ftrain.TrainState.create(nn.Linear(1, 1), plain_sgd(0.1), key=0)
     with pytest.raises(TypeError, match="shape \\(3,\\)"):
         ftrain.TrainState.create(nn.Linear(1, 1), plain_sgd(0.1), key=torch.zeros(3, dtype=torch.int64))
