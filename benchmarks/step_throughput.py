@@ -2,7 +2,8 @@
 
 Same model, same data, CPU, fixed threads. Configs per model: eager torch loop with
 ``torch.optim.AdamW()`` (the reference, ratio 1.00), ``AdamW(fused=True)``, Lightning's Trainer
-when installed, ftrain's compiled pure step and its donating form. Then a peak-memory row for a
+when installed (timed by a callback's clock between its steady steps, so its setup is left
+out), ftrain's compiled pure step and its donating form, and, for the MLP, its matmuls alone. Then a peak-memory row for a
 ~55M-parameter MLP, each config in its own process (peak resident memory during steady steps,
 as a multiple of the params' size).
 
@@ -188,13 +189,31 @@ def lightning_runner(model: nn.Module, fused: bool) -> Callable[[tuple], None] |
             return torch.optim.AdamW(self.parameters(), lr=LR, fused=fused or None)
 
     module = Module()
+    ticks: list[float] = []
+
+    class Batches:  # (a plain list would be taken for a list of dataloaders)
+        def __init__(self, items: list):
+            self.items = items
+
+        def __iter__(self):
+            return iter(self.items)
+
+        def __len__(self) -> int:
+            return len(self.items)
+
+    class Clock(L.Callback):
+        def on_train_batch_end(self, *args: object) -> None:
+            ticks.append(time.perf_counter())
 
     def step_n(batches):
+        """Run ``len(batches)`` steps in one ``fit``; the steady steps' durations (setup excluded)."""
+        ticks.clear()
         trainer = L.Trainer(
             max_steps=len(batches), accelerator="cpu", logger=False, enable_checkpointing=False,
-            enable_progress_bar=False, enable_model_summary=False,
+            enable_progress_bar=False, enable_model_summary=False, callbacks=[Clock()],
         )  # fmt: skip
-        trainer.fit(module, batches)
+        trainer.fit(module, Batches(batches))
+        return [b - a for a, b in zip(ticks, ticks[1:])]
 
     step_n.whole_loop = True  # type: ignore[attr-defined]
     return step_n
@@ -208,15 +227,15 @@ def warm_up(step: Callable, batches: list, warmup: int = 3) -> None:
             step(batches[i % len(batches)])
 
 
-def time_steps(step: Callable, batches: list, steps: int) -> tuple[float, float]:
-    """Seconds per step and minor page faults per step, over ``steps`` steps."""
+def time_steps(step: Callable, batches: list, steps: int) -> tuple[float, float | None]:
+    """Seconds per step and minor page faults per step (None for a Trainer), over ``steps`` steps."""
+    if getattr(step, "whole_loop", False):  # a Trainer: one fit, timed by its own steady steps
+        durations = step([batches[i % len(batches)] for i in range(steps + 1)])
+        return sum(durations) / len(durations), None  # (its faults would count the Trainer's setup)
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     t = time.perf_counter()
-    if getattr(step, "whole_loop", False):
-        step([batches[i % len(batches)] for i in range(steps)])
-    else:
-        for i in range(steps):
-            step(batches[i % len(batches)])
+    for i in range(steps):
+        step(batches[i % len(batches)])
     seconds = (time.perf_counter() - t) / steps
     return seconds, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / steps
 
@@ -258,7 +277,9 @@ def throughput_child(args: argparse.Namespace) -> None:
         out[model_name] = {
             name: {
                 "steps_per_s": 1 / statistics.median(s for s, _ in samples[name]),
-                "faults_per_step": statistics.median(f for _, f in samples[name]),
+                "faults_per_step": None
+                if samples[name][0][1] is None
+                else statistics.median(f for _, f in samples[name]),
             }
             for name in runners
         }
@@ -282,7 +303,7 @@ def throughput(args: argparse.Namespace) -> dict[str, dict[str, list[dict]]]:
                 runs[model_name][name].append(row)
                 print(
                     f"  {model_name:34s} {name:30s} {row['steps_per_s']:7.1f} steps/s {row['steps_per_s'] / ref:5.2f}x "
-                    f"{row['faults_per_step']:7.0f} page faults/step",
+                    f"{'-' if row['faults_per_step'] is None else round(row['faults_per_step']):>7} page faults/step",
                     flush=True,
                 )
     return runs
