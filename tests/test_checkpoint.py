@@ -74,6 +74,26 @@ def test_round_trip_is_bit_exact_into_the_templates_structure(tmp_path):
     assert meta["tensors"]["params['2.weight']"] == {"shape": [2, 8], "dtype": "bfloat16"}
 
 
+def test_restore_maps_the_files_and_falls_back_to_orbaxs_own_reads(tmp_path, monkeypatch):
+    from ftrain import checkpoint
+
+    state = trained(make_state())
+    mapped = []
+    real = checkpoint._memmapped
+    monkeypatch.setattr(checkpoint, "_memmapped", lambda info: mapped.append(info) or real(info))
+    with manager(tmp_path) as m:
+        m.save(state)
+        assert_same_state(m.restore_latest(make_state(seed=1))[0], state)
+    assert mapped, "restore did not read through memory-mapped files"
+
+    def other_orbax(info):  # read infos without the field the mapping relies on
+        raise AttributeError("'ReadInfo' object has no attribute 'ts_context'")
+
+    monkeypatch.setattr(checkpoint, "_memmapped", other_orbax)
+    with manager(tmp_path) as m:
+        assert_same_state(m.restore_latest(make_state(seed=1))[0], state)
+
+
 def test_restored_state_trains_on_identically(tmp_path):
     state = trained(make_state())
     with manager(tmp_path) as m:
