@@ -3,9 +3,11 @@
 Same model, same data, CPU, fixed threads. Configs per model: eager torch loop with
 ``torch.optim.AdamW()`` (the reference, ratio 1.00), ``AdamW(fused=True)``, Lightning's Trainer
 when installed (timed by a callback's clock between its steady steps, so its setup is left
-out), ftrain's compiled pure step and its donating form, and, for the MLP, its matmuls alone. Then a peak-memory row for a
-~55M-parameter MLP, each config in its own process (peak resident memory during steady steps,
-as a multiple of the params' size).
+out), ftrain's compiled pure step and its donating form, and, for the MLP, its matmuls alone
+(the floor: no step can be faster). Then the same loop and step with bf16 autocast (fp32
+params), a pair to compare with each other. Then a peak-memory row for a ~55M-parameter MLP,
+each config in its own process (peak resident memory during steady steps, as a multiple of the
+params' size).
 
 The throughput part runs in ``--processes`` fresh processes, one after another: the eager
 baseline's speed differs from process to process (how often its temporaries fault in fresh pages
@@ -116,22 +118,24 @@ def ftrain_loss(apply, params, buffers, batch, key):
 # Runners: each returns a function that does one training step.
 
 
-def torch_runner(model: nn.Module, fused: bool) -> Callable[[tuple], None]:
+def torch_runner(model: nn.Module, fused: bool, bf16: bool = False) -> Callable[[tuple], None]:
     opt = torch.optim.AdamW(model.parameters(), lr=LR, fused=fused or None)
     model.train()
 
     def step(batch):
         x, y = batch
         opt.zero_grad(set_to_none=True)
-        loss_of(model(x), y).backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = loss_of(model(x), y)
+        loss.backward()
         opt.step()
 
     return step
 
 
-def ftrain_runner(model: nn.Module, donate: bool) -> Callable[[tuple], None]:
+def ftrain_runner(model: nn.Module, donate: bool, precision: str | None = None) -> Callable[[tuple], None]:
     box = [ftrain.TrainState.create(model, optim.adamw(LR), key=ftrain.random.key(0))]
-    train_step = ftrain.make_train_step(ftrain_loss)
+    train_step = ftrain.make_train_step(ftrain_loss, precision=precision)
     call = train_step.donate if donate else train_step
 
     def step(batch):
@@ -248,7 +252,16 @@ CONFIGS: dict[str, Callable[[nn.Module], Callable | None]] = {
     "ftrain compiled (pure)": lambda m: ftrain_runner(m, donate=False),
     "ftrain compiled (donating)": lambda m: ftrain_runner(m, donate=True),
     FLOOR: matmul_floor_runner,
+    # bf16 autocast, fp32 params (numbers differ from the rows above: compare these two with each other)
+    "eager torch AdamW, bf16 autocast": lambda m: torch_runner(m, fused=False, bf16=True),
+    "ftrain compiled (donating), bf16": lambda m: ftrain_runner(m, donate=True, precision="bf16"),
 }
+MEMORY_CONFIGS = [
+    "eager torch AdamW",
+    "eager torch AdamW(fused=True)",
+    "ftrain compiled (pure)",
+    "ftrain compiled (donating)",
+]
 REFERENCE = "eager torch AdamW"
 MODELS = {
     "MLP 784-512-512-10, bs128": (mlp, lambda: mlp_data(8)),
@@ -343,9 +356,7 @@ def memory_child(config: str) -> None:
 
 def memory(args: argparse.Namespace) -> dict[str, float | None]:
     out: dict[str, float | None] = {}
-    for name in CONFIGS:
-        if name.startswith("Lightning") or name == FLOOR:
-            continue
+    for name in MEMORY_CONFIGS:
         env = {**os.environ, "BENCH_THREADS": str(args.threads)}
         proc = subprocess.run(
             [sys.executable, __file__, "--memory-child", name], capture_output=True, text=True, env=env, check=False
