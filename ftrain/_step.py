@@ -203,10 +203,7 @@ def _train_core(
         if mesh is not None:
             # One call, so the metrics and the new float buffers (BatchNorm's running stats, which
             # each rank updated from its own slice) ride in the gradients' packed all-reduce.
-            if buffers:  # (dynamo cannot flatten an empty dict through optree)
-                grads, metrics, buffers = mesh.pmean((grads, metrics, buffers), like=(state.params, metrics, buffers))
-            else:
-                grads, metrics = mesh.pmean((grads, metrics), like=(state.params, metrics))
+            grads, metrics, buffers = mesh.pmean((grads, metrics, buffers), like=(state.params, metrics, buffers))
         new = state.apply_gradients(grads, buffers=buffers)
         if policy.loss_scaling:
             # Skip the update on overflow (keep params, optimizer state and buffers) and back off.

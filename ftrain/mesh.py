@@ -283,7 +283,17 @@ class Mesh:
             self._check_sharded(like, "params")
         if self._world == 1:
             return grads
-        paths, leaves, spec = tree.flatten_with_path(grads)
+        if isinstance(grads, tuple) and any(_is_empty(g) for g in grads):
+            # Dynamo cannot flatten an empty dict through optree (a model without buffers): reduce the rest.
+            full = [i for i, g in enumerate(grads) if not _is_empty(g)]
+            reduced = self.pmean(
+                tuple(grads[i] for i in full), like=None if like is None else tuple(like[i] for i in full)
+            )
+            out = list(grads)
+            for i, r in zip(full, reduced):
+                out[i] = r
+            return tuple(out)
+        leaves, spec = tree.flatten(grads)
         targets = tree.leaves(like) if like is not None else [None] * len(leaves)
         if len(targets) != len(leaves):
             tree.assert_same_structure(like, grads, names=["params", "grads"])
@@ -430,6 +440,10 @@ def _is_dtensor(t: Any) -> bool:
     from torch.distributed.tensor import DTensor
 
     return isinstance(t, DTensor)
+
+
+def _is_empty(x: Any) -> bool:
+    return isinstance(x, (dict, list, tuple)) and len(x) == 0
 
 
 def _all_reduce_mean(leaves: list[torch.Tensor], n: int) -> list[torch.Tensor]:

@@ -225,6 +225,11 @@ def scenario_errors(args) -> None:
         "n": torch.tensor(rank),
     }
     errors["pmean"] = {k: [v.tolist(), str(v.dtype)] for k, v in mesh.pmean(mixed).items()}
+    # compiled, a tuple holding an empty dict (the buffers of a model without any) is reduced too
+    grads, buffers = torch.compile(lambda t: mesh.pmean(({"g": t}, {})), backend="aot_eager", fullgraph=True)(
+        torch.tensor([2.0 * rank])
+    )
+    errors["pmean_empty"] = [grads["g"].tolist(), buffers]
     (out / f"errors_rank{rank}.json").write_text(json.dumps(errors))
     mesh.close()
 

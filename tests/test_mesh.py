@@ -173,6 +173,7 @@ def test_pmean_averages_each_float_leaf_and_keeps_counters(errors_run):
             "b": [1.5, "torch.float64"],
             "n": [rank, "torch.int64"],
         }
+        assert report["pmean_empty"] == [[1.0], {}]
 
 
 def test_bad_inputs_fail_clearly_on_every_rank(errors_run):
