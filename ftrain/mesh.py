@@ -273,8 +273,9 @@ class Mesh:
         Plain tensors are all-reduced (one collective per dtype: the leaves are packed
         into one flat buffer). Where ``like`` (the params) holds DTensors, the matching
         gradient, which each rank computed in full, is reduce-scattered into that
-        param's placement instead (the FSDP/ZeRO-3 step). Integer leaves are left as they
-        are. Identity on one process.
+        param's placement instead (the FSDP/ZeRO-3 step). Integer leaves, and a tuple's
+        empty parts (the buffers of a model without any), are left as they are. Identity on
+        one process.
 
         >>> Mesh.local().pmean({"w": torch.ones(1)})
         {'w': tensor([1.])}
