@@ -619,21 +619,15 @@ def test_masked_leaves_are_untouched(shapes, flags, name):
 # --- compile ---------------------------------------------------------------------------------
 
 
-# torch's inductor imports a deprecated torch.jit API the first time it loads (torch's own noise).
-@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
-def test_compiles_once_over_50_steps_with_changing_hyperparams():
-    """adamw + warmup_cosine_decay + clip_by_global_norm in one fullgraph region: 1 compile, ever."""
-    torch._dynamo.reset()
-    counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
+def _tiny_problem() -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """A 2-layer tanh regression: params, inputs, targets (seeded)."""
     g = torch.Generator().manual_seed(0)
     params = {"w1": torch.randn(4, 8, generator=g), "b1": torch.zeros(8), "w2": torch.randn(8, 1, generator=g)}
-    x, y = torch.randn(16, 4, generator=g), torch.randn(16, 1, generator=g)
-    tx = optim.chain(
-        optim.clip_by_global_norm(1.0),
-        optim.inject_hyperparams(optim.adamw)(
-            learning_rate=schedules.warmup_cosine_decay(0.0, 1e-2, warmup_steps=5, decay_steps=50), weight_decay=0.01
-        ),
-    )
+    return params, torch.randn(16, 4, generator=g), torch.randn(16, 1, generator=g)
+
+
+def _steps(tx, counter):
+    """The pure step ``(params, opt_state, x, y) -> (params, opt_state, loss)`` with ``tx``, and it compiled."""
 
     def loss_fn(p, x, y):
         return ((torch.tanh(x @ p["w1"] + p["b1"]) @ p["w2"] - y) ** 2).mean()
@@ -643,7 +637,24 @@ def test_compiles_once_over_50_steps_with_changing_hyperparams():
         updates, opt_state = tx.update(grads, opt_state, p)
         return optim.apply_updates(p, updates), opt_state, loss
 
-    compiled = torch.compile(step, fullgraph=True, backend=counter)
+    return step, torch.compile(step, fullgraph=True, backend=counter)
+
+
+# torch's inductor imports a deprecated torch.jit API the first time it loads (torch's own noise).
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+def test_compiles_once_over_50_steps_with_changing_hyperparams():
+    """adamw + warmup_cosine_decay + clip_by_global_norm in one fullgraph region: 1 compile, ever."""
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
+    params, x, y = _tiny_problem()
+    tx = optim.chain(
+        optim.clip_by_global_norm(1.0),
+        optim.inject_hyperparams(optim.adamw)(
+            learning_rate=schedules.warmup_cosine_decay(0.0, 1e-2, warmup_steps=5, decay_steps=50), weight_decay=0.01
+        ),
+    )
+
+    step, compiled = _steps(tx, counter)
 
     def run(fn):
         p, s = params, tx.init(params)
@@ -669,9 +680,7 @@ def test_wrappers_compile_once_and_match_eager():
     """MultiSteps(apply_if_finite(partition(masked adamw | nesterov sgd))) + ema: one graph, eager's numbers."""
     torch._dynamo.reset()
     counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
-    g = torch.Generator().manual_seed(0)
-    params = {"w1": torch.randn(4, 8, generator=g), "b1": torch.zeros(8), "w2": torch.randn(8, 1, generator=g)}
-    x, y = torch.randn(16, 4, generator=g), torch.randn(16, 1, generator=g)
+    params, x, y = _tiny_problem()
     groups = optim.partition(
         {
             # the mask covers only this group's params: the others are not its business
@@ -687,15 +696,7 @@ def test_wrappers_compile_once_and_match_eager():
         optim.ema_params(0.9),
     )
 
-    def loss_fn(p, x, y):
-        return ((torch.tanh(x @ p["w1"] + p["b1"]) @ p["w2"] - y) ** 2).mean()
-
-    def step(p, opt_state, x, y):
-        grads, loss = torch.func.grad_and_value(loss_fn)(p, x, y)
-        updates, opt_state = tx.update(grads, opt_state, p)
-        return optim.apply_updates(p, updates), opt_state, loss
-
-    compiled = torch.compile(step, fullgraph=True, backend=counter)
+    step, compiled = _steps(tx, counter)
 
     def run(fn):
         p, s = params, tx.init(params)
