@@ -9,6 +9,7 @@ import time
 
 import pytest
 import torch
+from test_metrics import SyncCounter
 from torch import nn
 
 import ftrain
@@ -31,16 +32,6 @@ def batch_step(state, batch):
 
 def const_batches(n):
     return [torch.full((4, 2), float(i)) for i in range(n)]
-
-
-class SyncCounter(torch.Tensor):
-    syncs = 0
-
-    @classmethod
-    def __torch_function__(cls, func, types, args=(), kwargs=None):
-        if func in (torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__float__, torch.Tensor.__bool__):
-            SyncCounter.syncs += 1
-        return super().__torch_function__(func, types, args, kwargs or {})
 
 
 # ---- the signature is frozen ----
