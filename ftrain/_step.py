@@ -32,7 +32,7 @@ import dataclasses
 import logging
 import os
 import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 import torch
@@ -249,6 +249,39 @@ def _predict_core(predict_fn: LossFn, policy: Policy) -> Callable[[TrainState, A
 # Steps: a compiled pure function plus the few cheap checks around it.
 
 
+class _StepMode:
+    """What a step runs under: no autograd recording, deterministic algorithms unless opted out,
+    the module in train (or eval) mode; the previous settings come back on exit.
+
+    A plain class, not ``contextlib.contextmanager``: it is entered on every step (hot path).
+    """
+
+    __slots__ = ("state", "deterministic", "train_mode", "grad", "set_deterministic", "module")
+
+    def __init__(self, state: Any, deterministic: bool, train_mode: bool):
+        self.state, self.deterministic, self.train_mode = state, deterministic, train_mode
+
+    def __enter__(self) -> None:
+        self.grad = torch.is_grad_enabled()
+        torch._C._set_grad_enabled(False)
+        self.set_deterministic = self.deterministic and not torch.are_deterministic_algorithms_enabled()
+        if self.set_deterministic:
+            torch.use_deterministic_algorithms(True)
+        apply = getattr(self.state, "apply_fn", None)
+        self.module = (
+            apply.module if isinstance(apply, ModuleApply) and apply.module.training != self.train_mode else None
+        )
+        if self.module is not None:
+            self.module.train(self.train_mode)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.module is not None:
+            self.module.train(not self.train_mode)
+        if self.set_deterministic:
+            torch.use_deterministic_algorithms(False)
+        torch._C._set_grad_enabled(self.grad)
+
+
 class _Step:
     kind = "step"
     _train_mode = True
@@ -364,41 +397,13 @@ class _Step:
     def _check_output(self, state: Any, out: Any) -> None:
         pass
 
-    @contextlib.contextmanager
-    def _context(self, state: Any) -> Iterator[None]:
-        with contextlib.ExitStack() as stack:
-            stack.enter_context(torch.no_grad())
-            if self.deterministic and not torch.are_deterministic_algorithms_enabled():
-                torch.use_deterministic_algorithms(True)
-                stack.callback(torch.use_deterministic_algorithms, False)
-            apply = getattr(state, "apply_fn", None)
-            if isinstance(apply, ModuleApply) and apply.module.training != self._train_mode:
-                module = apply.module
-                module.train(self._train_mode)
-                stack.callback(module.train, not self._train_mode)
-            yield
-
-    def _hot(self, fn: Callable, state: Any, batch: Any) -> Any:
-        """``fn`` under :meth:`_context`, without a context manager's cost: the per-step path."""
-        apply = getattr(state, "apply_fn", None)
-        if isinstance(apply, ModuleApply) and apply.module.training != self._train_mode:
-            with self._context(state):
-                return fn(state, batch)
-        grad = torch.is_grad_enabled()
-        deterministic = self.deterministic and not torch.are_deterministic_algorithms_enabled()
-        torch._C._set_grad_enabled(False)
-        if deterministic:
-            torch.use_deterministic_algorithms(True)
-        try:
-            return fn(state, batch)
-        finally:
-            if deterministic:
-                torch.use_deterministic_algorithms(False)
-            torch._C._set_grad_enabled(grad)
+    def _context(self, state: Any) -> _StepMode:
+        return _StepMode(state, self.deterministic, self._train_mode)
 
     def _run(self, fn: Callable, state: Any, batch: Any, check_output: bool = True) -> Any:
         if id(fn) in self._ran:
-            return self._hot(fn, state, batch)
+            with self._context(state):
+                return fn(state, batch)
         with self._context(state):
             global _CHECKING
             _CHECKING = not self.compiled  # eager: check the first call on the real tensors
