@@ -46,6 +46,6 @@ from .loop import limit_batches as limit_batches
 from .loop import overfit_batches as overfit_batches
 from .loop import predict as predict
 from .mesh import Mesh as Mesh
-from .mesh import ShardedCheckpointManager as ShardedCheckpointManager
+from .checkpoint import ShardedCheckpointManager as ShardedCheckpointManager
 
 __version__ = "0.1.0"

@@ -471,5 +471,11 @@ def _reduce_scatter_mean(grad: torch.Tensor, like: Any, n: int) -> Any:
     return partial.redistribute(mesh, like.placements) / n
 
 
-# At the bottom: the checkpoint module builds on Mesh (defined above).
-from ._sharded_checkpoint import ShardedCheckpointManager as ShardedCheckpointManager  # noqa: E402
+def __getattr__(name: str) -> Any:
+    # ``ftrain.mesh.ShardedCheckpointManager`` is kept as a lazy alias: the manager lives in
+    # ``ftrain.checkpoint``, which builds on ``Mesh``; importing it here would be a cycle.
+    if name == "ShardedCheckpointManager":
+        from .checkpoint import ShardedCheckpointManager
+
+        return ShardedCheckpointManager
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -75,7 +75,7 @@ def test_round_trip_is_bit_exact_into_the_templates_structure(tmp_path):
 
 
 def test_restore_maps_the_files_and_falls_back_to_orbaxs_own_reads(tmp_path, monkeypatch):
-    from ftrain import checkpoint
+    from ftrain.checkpoint import _orbax as checkpoint
 
     state = trained(make_state())
     mapped = []

@@ -39,10 +39,10 @@ import torch
 import torch.utils._pytree as torch_pytree
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from . import random, tree
-from ._module import ModuleApply
-from ._state import TrainState
-from .precision import Policy, all_finite, select
+from .. import random, tree
+from .._module import ModuleApply
+from .._state import TrainState
+from ..precision import Policy, all_finite, select
 
 __all__ = [
     "DonatedStateError",
@@ -954,7 +954,7 @@ def _describe(x: Any) -> str:
 
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
-_FTRAIN_DIR = os.path.dirname(__file__)
+_FTRAIN_DIR = os.path.dirname(os.path.dirname(__file__))
 
 
 def _user_frame(e: BaseException) -> str:

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import tree
+from .. import tree
 
 __all__ = [
     "CheckpointCorruptedError",
@@ -731,7 +731,7 @@ def _first_line(e: BaseException) -> str:
 def _versions() -> dict[str, str]:
     from importlib import metadata
 
-    from . import __version__
+    from .. import __version__
 
     versions = {"ftrain": __version__, "torch": torch.__version__, "python": sys.version.split()[0]}
     try:

@@ -42,8 +42,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from . import tree
-from .mesh import Mesh, _is_dtensor
+from .. import tree
+from ..mesh import Mesh, _is_dtensor
 
 __all__ = ["ShardedCheckpointManager"]
 
