@@ -37,7 +37,7 @@ import torch
 
 from . import tree
 from .metrics import Accumulator
-from .writers import MultiWriter, _format, is_rank_zero
+from .writers import MultiWriter, format_scalar, is_rank_zero
 
 __all__ = [
     "Action",
@@ -696,7 +696,7 @@ class ProgressBar:
 
     def _refresh(self, run: Run) -> None:
         shown = {
-            k.split("/", 1)[1] if k.startswith("train/") else k: _format(v)
+            k.split("/", 1)[1] if k.startswith("train/") else k: format_scalar(v)
             for k, v in run.latest.items()
             if k != "train/steps_per_sec"
         }

@@ -25,6 +25,7 @@ from typing import Any
 
 import optree
 import torch
+import torch.utils._pytree as torch_pytree
 
 NAMESPACE = "ftrain"
 """The optree registry namespace ftrain registers its node types in."""
@@ -33,9 +34,11 @@ PyTree = Any
 
 __all__ = [
     "NAMESPACE",
+    "all_finite",
     "allclose",
     "assert_same_structure",
     "cast",
+    "device_of",
     "equal",
     "flatten",
     "flatten_with_path",
@@ -50,6 +53,7 @@ __all__ = [
     "structure",
     "unflatten",
     "unstack",
+    "where",
     "zeros_like",
 ]
 
@@ -178,6 +182,55 @@ def global_norm(tree: PyTree) -> torch.Tensor:
     if not leaves_:
         return torch.tensor(0.0)
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(x) for x in leaves_]))
+
+
+def where(pred: torch.Tensor, on_true: PyTree, on_false: PyTree) -> PyTree:
+    """Leaf by leaf ``torch.where(pred, a, b)`` over two same-structured trees, without a branch or host sync.
+
+    Non-tensor leaves are taken from ``on_true``. Traced with torch's pytree, which dynamo follows best
+    (this runs inside compiled steps).
+
+    >>> where(torch.tensor(False), {"a": torch.ones(2)}, {"a": torch.zeros(2)})
+    {'a': tensor([0., 0.])}
+    """
+    a, spec = torch_pytree.tree_flatten(on_true)
+    b, spec_b = torch_pytree.tree_flatten(on_false)
+    if spec != spec_b:
+        assert_same_structure(on_true, on_false, names=["on_true", "on_false"])
+    out = [torch.where(pred, x, y) if isinstance(x, torch.Tensor) else x for x, y in zip(a, b)]
+    return torch_pytree.tree_unflatten(out, spec)
+
+
+def all_finite(tree: PyTree) -> torch.Tensor:
+    """A 0-d bool tensor: are all floating leaves of ``tree`` finite? (No host sync; traced like :func:`where`.)
+
+    >>> all_finite({"a": torch.ones(2), "b": torch.tensor([1.0, float("nan")])})
+    tensor(False)
+    """
+    flags = [
+        torch.isfinite(x).all()
+        for x in torch_pytree.tree_leaves(tree)
+        if isinstance(x, torch.Tensor) and x.is_floating_point()
+    ]
+    return torch.stack(flags).all() if flags else torch.tensor(True)
+
+
+def device_of(tree: PyTree, *, default: torch.device | str | None = "cpu") -> torch.device:
+    """The device of the first tensor leaf of ``tree`` (of a state: of its ``params``).
+
+    An empty tree gives ``default``; with ``default=None`` it raises a TypeError instead.
+
+    >>> device_of({"w": torch.zeros(2)})
+    device(type='cpu')
+    """
+    params = getattr(tree, "params", None)
+    for part in (params, tree) if params is not None else (tree,):
+        for leaf in leaves(part):
+            if isinstance(leaf, torch.Tensor):
+                return leaf.device
+    if default is None:
+        raise TypeError(f"expected a TrainState (a pytree of tensors), got {type(tree).__name__} with no tensors")
+    return torch.device(default)
 
 
 def cast(tree: PyTree, dtype: torch.dtype) -> PyTree:

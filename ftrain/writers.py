@@ -99,7 +99,12 @@ def _flat(hparams: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _format(value: float) -> str:
+def format_scalar(value: float) -> str:
+    """A metric value as the console and the progress bar print it: 4 significant digits, or an exponent.
+
+    >>> format_scalar(0.41234), format_scalar(1.5e-5)
+    ('0.4123', '1.500e-05')
+    """
     if value == 0 or not math.isfinite(value) or 1e-3 <= abs(value) < 1e5:
         return f"{value:.4g}"
     return f"{value:.3e}"
@@ -128,7 +133,7 @@ class Console:
         """Print ``scalars`` on one line."""
         if not is_rank_zero():
             return
-        line = " | ".join([f"step {step}", *(f"{k} {_format(v)}" for k, v in scalars.items())])
+        line = " | ".join([f"step {step}", *(f"{k} {format_scalar(v)}" for k, v in scalars.items())])
         self._print(line)
 
     def write_hparams(self, hparams: Mapping[str, Any]) -> None:

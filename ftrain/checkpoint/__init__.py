@@ -7,6 +7,7 @@ a run exactly. :func:`state_dict` and :func:`save_safetensors` export the weight
 """
 
 from ._dcp import ShardedCheckpointManager as ShardedCheckpointManager
+from ._policy import Checkpointer as Checkpointer
 from ._orbax import CheckpointCorruptedError as CheckpointCorruptedError
 from ._orbax import CheckpointError as CheckpointError
 from ._orbax import CheckpointManager as CheckpointManager
@@ -20,6 +21,7 @@ __all__ = [
     "CheckpointError",
     "CheckpointManager",
     "CheckpointMismatchError",
+    "Checkpointer",
     "ShardedCheckpointManager",
     "load_safetensors",
     "save_safetensors",
