@@ -48,4 +48,16 @@ from .loop import predict as predict
 from .mesh import Mesh as Mesh
 from .checkpoint import ShardedCheckpointManager as ShardedCheckpointManager
 
-__version__ = "0.1.0"
+
+def _installed_version() -> str:
+    # One source of truth: pyproject.toml's version, as installed (a source tree run without
+    # installing reports 0+unknown rather than a stale literal).
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("ftrain")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+__version__ = _installed_version()
