@@ -106,7 +106,7 @@ class TrainState:
             key = random.key(0)
         else:
             random.check_key(key, "TrainState.create(key=...)")
-        device = next(iter(params.values())).device
+        device = tree.device_of(params)
         to_meta(model)
         with torch.no_grad():
             opt_state = tx.init(params)
