@@ -268,9 +268,7 @@ def all_finite(tree: PyTree) -> torch.Tensor:
     tensor(False)
     """
     flags = [
-        torch.isfinite(x).all()
-        for x in traced_leaves(tree)
-        if isinstance(x, torch.Tensor) and x.is_floating_point()
+        torch.isfinite(x).all() for x in traced_leaves(tree) if isinstance(x, torch.Tensor) and x.is_floating_point()
     ]
     return torch.stack(flags).all() if flags else torch.tensor(True)
 

@@ -45,6 +45,7 @@ from ._make import compile_step as compile_step
 from ._make import make_eval_step as make_eval_step
 from ._make import make_predict_step as make_predict_step
 from ._make import make_train_step as make_train_step
+
 __all__ = [
     "DonatedStateError",
     "EvalStep",

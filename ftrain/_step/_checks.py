@@ -30,8 +30,12 @@ NOT_DIFFERENTIABLE = (
     "would be zero: compute it from apply(params, ...) with the params loss_fn receives, without "
     ".detach(), .item(), argmax or integer ops on the path"
 )
-NOT_A_SCALAR = "loss_fn returned a {name} of shape {shape}; it must be a scalar (0-d tensor): reduce it, e.g. loss.mean()"
-METRIC_NOT_A_SCALAR = "metric {name!r} has shape {shape}; metrics must be scalars (0-d tensors): reduce it, e.g. .mean()"
+NOT_A_SCALAR = (
+    "loss_fn returned a {name} of shape {shape}; it must be a scalar (0-d tensor): reduce it, e.g. loss.mean()"
+)
+METRIC_NOT_A_SCALAR = (
+    "metric {name!r} has shape {shape}; metrics must be scalars (0-d tensors): reduce it, e.g. .mean()"
+)
 LEAF_CHANGED = (
     "the step changed state.{path} from {before} to {after}; a leaf must keep its shape and dtype, "
     "or every step would compile a new graph"
