@@ -7,7 +7,6 @@ from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
-import torch.utils._pytree as torch_pytree
 from torch import nn
 
 from . import random, tree
@@ -106,8 +105,8 @@ class TrainState:
         if key is None:
             key = random.key(0)
         else:
-            random._check_key(key, "TrainState.create(key=...)")
-        device = next(iter(params.values())).device
+            random.check_key(key, "TrainState.create(key=...)")
+        device = tree.device_of(params)
         to_meta(model)
         with torch.no_grad():
             opt_state = tx.init(params)
@@ -201,27 +200,8 @@ def _register(cls: type) -> None:
             object.__setattr__(obj, name, value)
         return obj
 
+    # Both pytree systems: optree for ftrain.tree, torch's for torch.func.vmap and dynamo.
     tree.register_node(cls, flatten, unflatten)
-
-    def torch_flatten(state):
-        children, static_values, _ = flatten(state)
-        return children, static_values
-
-    def torch_unflatten(children, static_values):
-        return unflatten(static_values, list(children))
-
-    def torch_flatten_with_keys(state):
-        children, static_values, names = flatten(state)
-        return [(torch_pytree.GetAttrKey(n), c) for n, c in zip(names, children)], static_values
-
-    # torch.func.vmap and dynamo flatten with torch's own pytree: register there too.
-    torch_pytree.register_pytree_node(
-        cls,
-        torch_flatten,
-        torch_unflatten,
-        serialized_type_name=f"{cls.__module__}.{cls.__qualname__}",
-        flatten_with_keys_fn=torch_flatten_with_keys,
-    )
 
 
 _register(TrainState)

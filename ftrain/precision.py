@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
-import torch.utils._pytree as torch_pytree
 
-from . import tree as _tree
+from . import tree
 from ._state import TrainState
+from ._validate import check_int, check_number, check_one_of
 
 __all__ = ["DynamicScale", "Policy", "ScaledTrainState", "all_finite", "select"]
 
@@ -62,8 +62,7 @@ class DynamicScale(NamedTuple):
     @staticmethod
     def create(init_scale: float = 2.0**15, device: torch.device | str | None = None) -> DynamicScale:
         """A fresh scale (default ``2**15``, as torch's ``GradScaler``)."""
-        if not init_scale > 0:
-            raise ValueError(f"DynamicScale.create: init_scale must be > 0, got {init_scale}")
+        check_number(init_scale, "init_scale", who="DynamicScale.create", low=0, open_low=True)
         return DynamicScale(
             torch.tensor(float(init_scale), dtype=torch.float32, device=device),
             torch.zeros((), dtype=torch.int64, device=device),
@@ -97,18 +96,13 @@ class Policy:
 
     def __post_init__(self) -> None:
         dtype = None if self.compute_dtype == torch.float32 else self.compute_dtype
-        if dtype not in (None, torch.bfloat16, torch.float16):
-            raise ValueError(
-                f"Policy: compute_dtype must be torch.bfloat16, torch.float16 or None, got {self.compute_dtype}"
-            )
+        check_one_of(dtype, "compute_dtype", (torch.bfloat16, torch.float16, None), who="Policy")
         object.__setattr__(self, "compute_dtype", dtype)
         if self.loss_scaling is None:
             object.__setattr__(self, "loss_scaling", dtype == torch.float16)
-        if self.growth_interval < 1 or not self.growth_factor > 1 or not 0 < self.backoff_factor < 1:
-            raise ValueError(
-                "Policy: need growth_interval >= 1, growth_factor > 1 and 0 < backoff_factor < 1, got "
-                f"{self.growth_interval}, {self.growth_factor}, {self.backoff_factor}"
-            )
+        check_int(self.growth_interval, "growth_interval", who="Policy")
+        check_number(self.growth_factor, "growth_factor", who="Policy", low=1, open_low=True)
+        check_number(self.backoff_factor, "backoff_factor", who="Policy", low=0, high=1, open_low=True, open_high=True)
 
     @staticmethod
     def from_name(name: str) -> Policy:
@@ -147,22 +141,9 @@ class Policy:
         return DynamicScale(new_scale, good)
 
 
-def all_finite(tree: Any) -> torch.Tensor:
-    """A 0-d bool tensor: are all floating leaves of ``tree`` finite? (No host sync.)"""
-    # torch's pytree, not optree: this runs inside compiled steps, and dynamo traces torch's better.
-    leaves = torch_pytree.tree_leaves(tree)
-    flags = [torch.isfinite(x).all() for x in leaves if isinstance(x, torch.Tensor) and x.is_floating_point()]
-    return torch.stack(flags).all() if flags else torch.tensor(True)
-
-
-def select(pred: torch.Tensor, on_true: Any, on_false: Any) -> Any:
-    """Leaf by leaf ``torch.where(pred, a, b)`` over two same-structured trees (no host sync)."""
-    a, spec = torch_pytree.tree_flatten(on_true)
-    b, spec_b = torch_pytree.tree_flatten(on_false)
-    if spec != spec_b:
-        _tree.assert_same_structure(on_true, on_false, names=["on_true", "on_false"])
-    out = [torch.where(pred, x, y) if isinstance(x, torch.Tensor) else x for x, y in zip(a, b)]
-    return torch_pytree.tree_unflatten(out, spec)
+# The skip-on-overflow step's two tree operations; they live in ftrain.tree (names kept here).
+all_finite = tree.all_finite
+select = tree.where
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

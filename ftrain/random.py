@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["bernoulli", "bits", "fold_in", "is_key", "key", "normal", "randint", "split", "uniform"]
+__all__ = ["bernoulli", "bits", "check_key", "fold_in", "is_key", "key", "normal", "randint", "split", "uniform"]
 
 _MASK32 = 0xFFFFFFFF
 _GOLDEN = 0x9E3779B9
@@ -61,7 +61,17 @@ def is_key(obj: object) -> bool:
     return isinstance(obj, torch.Tensor) and obj.dtype == torch.int64 and obj.dim() >= 1 and obj.shape[-1] == 2
 
 
-def _check_key(k: object, who: str) -> torch.Tensor:
+def check_key(k: object, who: str) -> torch.Tensor:
+    """``k`` if it is one key (int64, shape ``(2,)``); else a TypeError naming ``who`` and what it got.
+
+    For functions that take a key from their caller, so a wrong one fails where it was passed.
+
+    >>> check_key(key(0), "my_init").shape
+    torch.Size([2])
+    >>> check_key(3, "my_init")
+    Traceback (most recent call last):
+    TypeError: my_init expects a key made by ftrain.random.key(seed) (int64 tensor of shape (2,)), got 3
+    """
     if not (isinstance(k, torch.Tensor) and k.dtype == torch.int64 and k.shape == (2,)):
         got = f"a tensor of shape {tuple(k.shape)} and dtype {k.dtype}" if isinstance(k, torch.Tensor) else repr(k)
         raise TypeError(f"{who} expects a key made by ftrain.random.key(seed) (int64 tensor of shape (2,)), got {got}")
@@ -73,7 +83,7 @@ def split(k: torch.Tensor, num: int = 2) -> torch.Tensor:
 
     Unpack them like a tuple: ``k1, k2 = split(k)``.
     """
-    _check_key(k, "random.split")
+    check_key(k, "random.split")
     i = torch.arange(num, dtype=torch.int64, device=k.device)
     return torch.stack([_mix(_mix(k[0], i), k[1]), _mix(_mix(k[1], i ^ 0x2545F491), k[0])], dim=-1)
 
@@ -83,7 +93,7 @@ def fold_in(k: torch.Tensor, data: int | torch.Tensor) -> torch.Tensor:
 
     ``fold_in(k, step)`` gives every step its own key without storing one per step.
     """
-    _check_key(k, "random.fold_in")
+    check_key(k, "random.fold_in")
     if isinstance(data, torch.Tensor):
         if data.dtype.is_floating_point or data.dtype.is_complex or data.numel() != 1:
             raise TypeError(
@@ -99,7 +109,7 @@ def fold_in(k: torch.Tensor, data: int | torch.Tensor) -> torch.Tensor:
 
 def bits(k: torch.Tensor, shape: Sequence[int], device: torch.device | str | None = None) -> torch.Tensor:
     """Uniform random 32-bit words (as int64 in ``[0, 2**32)``) of the given shape."""
-    _check_key(k, "random.bits")
+    check_key(k, "random.bits")
     shape = tuple(shape)
     n = 1
     for s in shape:

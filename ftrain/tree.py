@@ -1,9 +1,16 @@
-"""Pytree helpers in ftrain's own namespace, built on optree.
+"""Pytree helpers in ftrain's own namespace, built on optree; and their traced twins.
 
 A pytree is any nesting of dicts, lists, tuples, NamedTuples, ``None`` and
 registered nodes (such as :class:`ftrain.TrainState`) whose leaves are tensors
-or Python scalars. Every function here uses optree with ftrain's registry
+or Python scalars. The functions here use optree with ftrain's registry
 namespace, so ftrain's own node types flatten without extra arguments.
+
+Code that ``torch.compile`` traces uses the twins built on torch's own pytree
+instead (:func:`traced_leaves`, :func:`traced_map`, :func:`where`,
+:func:`all_finite`): dynamo cannot trace optree's flattening of a whole state,
+and ``torch.func.vmap`` flattens with torch's pytree too. :func:`register_node`
+registers a node type with both, so the two always agree on ftrain's nodes
+(except that torch's pytree counts ``None`` as a leaf, optree as an empty node).
 
 Errors name the path of the offending leaf, e.g. ``params['fc.weight']``.
 
@@ -31,6 +38,7 @@ NAMESPACE = "ftrain"
 """The optree registry namespace ftrain registers its node types in."""
 
 PyTree = Any
+"""Any pytree (the type checkers' view: a nesting of containers cannot be typed more closely)."""
 
 __all__ = [
     "NAMESPACE",
@@ -51,6 +59,8 @@ __all__ = [
     "register_node",
     "stack",
     "structure",
+    "traced_leaves",
+    "traced_map",
     "unflatten",
     "unstack",
     "where",
@@ -59,14 +69,42 @@ __all__ = [
 
 
 def register_node(cls: type, flatten_func: Callable, unflatten_func: Callable) -> type:
-    """Register ``cls`` as a pytree node in ftrain's optree namespace.
+    """Register ``cls`` as a pytree node with optree (ftrain's namespace) and with torch's pytree.
 
-    ``flatten_func(obj)`` returns ``(children, metadata, entries)``;
-    ``unflatten_func(metadata, children)`` rebuilds the object.
+    ``flatten_func(obj)`` returns ``(children, metadata, names)``, ``names`` being the children's
+    attribute names (they make the paths in error messages); ``unflatten_func(metadata, children)``
+    rebuilds the object. ``metadata`` is static: part of the structure, compared, never traced.
+
+    >>> class Pair:
+    ...     def __init__(self, a, b):
+    ...         self.a, self.b = a, b
+    >>> _ = register_node(Pair, lambda p: ((p.a, p.b), None, ("a", "b")), lambda _, c: Pair(*c))
+    >>> leaves(Pair(1, 2)), traced_leaves(Pair(1, 2)), flatten_with_path(Pair(1, 2))[0]
+    ([1, 2], [1, 2], ['a', 'b'])
     """
-    return optree.register_pytree_node(
+    optree.register_pytree_node(
         cls, flatten_func, unflatten_func, path_entry_type=optree.GetAttrEntry, namespace=NAMESPACE
     )
+
+    def torch_flatten(obj: Any) -> tuple[list, Any]:
+        children, metadata, _ = flatten_func(obj)
+        return list(children), metadata
+
+    def torch_flatten_with_keys(obj: Any) -> tuple[list, Any]:
+        children, metadata, names = flatten_func(obj)
+        return [(torch_pytree.GetAttrKey(n), c) for n, c in zip(names, children)], metadata
+
+    def torch_unflatten(children: Any, metadata: Any) -> Any:
+        return unflatten_func(metadata, list(children))
+
+    torch_pytree.register_pytree_node(
+        cls,
+        torch_flatten,
+        torch_unflatten,
+        serialized_type_name=f"{cls.__module__}.{cls.__qualname__}",
+        flatten_with_keys_fn=torch_flatten_with_keys,
+    )
+    return cls
 
 
 def leaves(tree: PyTree) -> list[Any]:
@@ -184,10 +222,32 @@ def global_norm(tree: PyTree) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(x) for x in leaves_]))
 
 
+def traced_leaves(tree: PyTree) -> list[Any]:
+    """:func:`leaves`, flattened with torch's pytree: for code that ``torch.compile`` traces.
+
+    ``None`` is a leaf here (optree drops it).
+
+    >>> traced_leaves({"a": torch.ones(1), "b": None})
+    [tensor([1.]), None]
+    """
+    return torch_pytree.tree_leaves(tree)
+
+
+def traced_map(fn: Callable[[Any], Any], tree: PyTree) -> PyTree:
+    """:func:`map` over one tree, flattened with torch's pytree: for code that ``torch.compile`` traces.
+
+    ``fn`` sees ``None`` leaves too (see :func:`traced_leaves`).
+
+    >>> traced_map(lambda x: x is None, {"a": torch.ones(1), "b": None})
+    {'a': False, 'b': True}
+    """
+    return torch_pytree.tree_map(fn, tree)
+
+
 def where(pred: torch.Tensor, on_true: PyTree, on_false: PyTree) -> PyTree:
     """Leaf by leaf ``torch.where(pred, a, b)`` over two same-structured trees, without a branch or host sync.
 
-    Non-tensor leaves are taken from ``on_true``. Traced with torch's pytree, which dynamo follows best
+    Non-tensor leaves are taken from ``on_true``. Flattened with torch's pytree, like :func:`traced_map`
     (this runs inside compiled steps).
 
     >>> where(torch.tensor(False), {"a": torch.ones(2)}, {"a": torch.zeros(2)})
@@ -208,9 +268,7 @@ def all_finite(tree: PyTree) -> torch.Tensor:
     tensor(False)
     """
     flags = [
-        torch.isfinite(x).all()
-        for x in torch_pytree.tree_leaves(tree)
-        if isinstance(x, torch.Tensor) and x.is_floating_point()
+        torch.isfinite(x).all() for x in traced_leaves(tree) if isinstance(x, torch.Tensor) and x.is_floating_point()
     ]
     return torch.stack(flags).all() if flags else torch.tensor(True)
 

@@ -85,3 +85,12 @@ def test_bad_keys_are_clear_errors():
         random.fold_in(random.key(0), 1.5)
     with pytest.raises(ValueError, match="low < high"):
         random.randint(random.key(0), 3, 3)
+
+
+def test_check_key_returns_a_key_and_names_the_caller_otherwise():
+    k = random.key(0)
+    assert random.check_key(k, "my_init") is k
+    with pytest.raises(TypeError, match=r"my_init expects a key made by ftrain.random.key\(seed\).*got 3"):
+        random.check_key(3, "my_init")
+    with pytest.raises(TypeError, match=r"my_init .*shape \(2, 2\)"):
+        random.check_key(random.split(k), "my_init")

@@ -78,3 +78,35 @@ def test_global_norm_is_norm_of_concatenation(values, splits):
     flat = torch.tensor(values, dtype=torch.float64)
     t = {str(i): chunk for i, chunk in enumerate(flat.chunk(splits))}
     assert torch.allclose(tree.global_norm(t), flat.norm())
+
+
+class Pair:
+    def __init__(self, first, second):
+        self.first, self.second = first, second
+
+
+tree.register_node(Pair, lambda p: ((p.first, p.second), None, ("first", "second")), lambda _, c: Pair(*c))
+
+
+def test_register_node_registers_with_optree_and_torchs_pytree():
+    pair = Pair(torch.ones(1), {"x": torch.zeros(2)})
+    assert tree.flatten_with_path(pair)[0] == ["first", "second['x']"]
+    assert tree.traced_leaves(pair) == tree.leaves(pair)
+    doubled = tree.traced_map(lambda x: x * 2, pair)
+    assert isinstance(doubled, Pair) and torch.equal(doubled.first, torch.full((1,), 2.0))
+    # What torch.func.vmap and dynamo see: torch's pytree, with the attribute names as keys.
+    keyed, _ = torch.utils._pytree.tree_flatten_with_path(pair)
+    assert [torch.utils._pytree.keystr(path) for path, _ in keyed] == [".first", ".second['x']"]
+
+
+def test_traced_twins_agree_with_optree_but_keep_none_as_a_leaf():
+    t = {**make_tree(), "none": None}
+    assert tree.traced_leaves(t) == [*tree.leaves(t), None]
+    assert tree.equal(tree.traced_map(lambda x: x if x is None else x + 1, t), tree.map(lambda x: x + 1, t))
+
+
+def test_where_and_all_finite_select_leaf_by_leaf():
+    t, zeros = make_tree(), tree.zeros_like(make_tree())
+    assert tree.equal(tree.where(torch.tensor(True), t, zeros), t)
+    assert tree.equal(tree.where(torch.tensor(False), t, zeros), zeros)
+    assert bool(tree.all_finite(t)) and not bool(tree.all_finite({**t, "a": torch.tensor([float("inf")])}))

@@ -1,0 +1,285 @@
+"""The step objects: a pure core, compiled whole, plus the few cheap checks around each call.
+
+A call checks that the state was not donated and compares the batch's signature (structure,
+shapes, dtypes) with those seen; a new signature is first run on fake tensors
+(:meth:`_Step._precheck`), so a bad loss or batch is a short :class:`StepError`, not a dynamo trace.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable
+from typing import Any, Literal
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from .. import tree
+from .._module import ModuleApply
+from .._state import TrainState
+from .._validate import check_one_of
+from . import _donate
+from ._checks import DonatedStateError, StepError, check_metrics, check_train_output, checks, step_failure
+
+NewShapes = Literal["error", "recompile"]
+
+PARTIAL_BATCH = (
+    "{kind}: {where} has batch size {size} but the step was compiled for {size0}: a partial last batch? "
+    "Drop it (ftrain.data.Loader(drop_last=True)) or pad it, or pass new_shapes='recompile' to allow one more "
+    "compile with a dynamic batch dim"
+)
+
+
+class _StepMode:
+    """What a step runs under: no autograd recording, deterministic algorithms unless opted out,
+    the module in train (or eval) mode; the previous settings come back on exit.
+
+    A plain class, not ``contextlib.contextmanager``: it is entered on every step (hot path).
+    """
+
+    __slots__ = ("state", "deterministic", "train_mode", "grad", "set_deterministic", "module")
+
+    def __init__(self, state: Any, deterministic: bool, train_mode: bool):
+        self.state, self.deterministic, self.train_mode = state, deterministic, train_mode
+
+    def __enter__(self) -> None:
+        self.grad = torch.is_grad_enabled()
+        torch._C._set_grad_enabled(False)
+        self.set_deterministic = self.deterministic and not torch.are_deterministic_algorithms_enabled()
+        if self.set_deterministic:
+            torch.use_deterministic_algorithms(True)
+        apply = getattr(self.state, "apply_fn", None)
+        self.module = (
+            apply.module if isinstance(apply, ModuleApply) and apply.module.training != self.train_mode else None
+        )
+        if self.module is not None:
+            self.module.train(self.train_mode)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.module is not None:
+            self.module.train(not self.train_mode)
+        if self.set_deterministic:
+            torch.use_deterministic_algorithms(False)
+        torch._C._set_grad_enabled(self.grad)
+
+
+class _CountingBackend:
+    """A ``torch.compile`` backend that counts the graphs it is asked to compile."""
+
+    def __init__(self, backend: str | Callable):
+        self.inner = torch._dynamo.lookup_backend(backend) if isinstance(backend, str) else backend
+        self.count = 0
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: list, **kwargs: Any) -> Callable:
+        self.count += 1
+        return self.inner(gm, example_inputs, **kwargs)
+
+
+class _Step:
+    kind = "step"
+    _train_mode = True
+
+    def __init__(
+        self,
+        core: Callable[..., Any],
+        *,
+        compile: bool,
+        deterministic: bool,
+        new_shapes: NewShapes,
+        backend: str | Callable = "inductor",
+    ):
+        self.new_shapes = check_one_of(new_shapes, "new_shapes", ("error", "recompile"), who=type(self).__name__)
+        self.core = core
+        self.compiled = compile
+        self.deterministic = deterministic
+        self._backend = backend
+        self._counters: list[_CountingBackend] = []
+        self._fn = self._compile(core) if compile else core
+        self._signature: tuple | None = None  # the first batch's
+        self._seen: set[tuple] = set()  # every batch signature checked so far
+        self._ran: set[int] = set()
+
+    @property
+    def num_compiles(self) -> int:
+        """How many graphs torch has compiled for this step so far (1 after the first call)."""
+        return sum(c.count for c in self._counters)
+
+    def _compile(self, fn: Callable) -> Callable:
+        counter = _CountingBackend(self._backend)
+        self._counters.append(counter)
+        return torch.compile(fn, fullgraph=True, backend=counter)
+
+    def _direct(self) -> bool:
+        # Under torch.func.vmap/grad or while dynamo traces an outer function, be just the pure core.
+        return torch.compiler.is_compiling() or torch._C._functorch.maybe_current_level() is not None
+
+    def _admit(self, state: Any, batch: Any) -> None:
+        _donate.check_alive(state)
+        leaves, spec = tree.flatten(batch)  # (the hot path: paths only when something differs)
+        signature = (spec, tuple((x.shape, x.dtype) if isinstance(x, torch.Tensor) else x for x in leaves))
+        if signature in self._seen:
+            return
+        if self._signature is not None and self.new_shapes == "error":
+            self._compare(signature, tree.flatten_with_path(batch)[0])
+        if self.compiled:
+            self._precheck(state, batch)
+        if self._signature is None:
+            self._signature = signature
+        if len(self._seen) < 64:  # (bounded: a stream of new shapes only re-runs the cheap fake check)
+            self._seen.add(signature)
+
+    def _compare(self, signature: tuple, paths: list[str]) -> None:
+        spec0, sig0 = self._signature
+        spec, sig = signature
+        if spec != spec0:
+            raise StepError(
+                f"{self.kind}: this batch's structure {spec} differs from the first batch's {spec0}; "
+                "every batch must have the same structure (or pass new_shapes='recompile')"
+            )
+        for path, a, b in zip(paths, sig, sig0):
+            if a == b:
+                continue
+            where = f"batch{'' if path == '<root>' else path}"
+            if not (isinstance(a, tuple) and isinstance(b, tuple)):
+                raise StepError(
+                    f"{self.kind}: {where} is {a!r} but was {b!r} in the first batch; non-tensor batch items must not change"
+                )
+            (shape, dtype), (shape0, dtype0) = a, b
+            if dtype != dtype0:
+                raise StepError(
+                    f"{self.kind}: {where} has dtype {dtype} but the first batch had {dtype0}; "
+                    f"cast it (x.to({dtype0})) so the compiled step is reused"
+                )
+            if len(shape) == len(shape0) >= 1 and shape[1:] == shape0[1:]:
+                raise StepError(PARTIAL_BATCH.format(kind=self.kind, where=where, size=shape[0], size0=shape0[0]))
+            raise StepError(
+                f"{self.kind}: {where} has shape {tuple(shape)} but the first batch had {tuple(shape0)}; pass "
+                "new_shapes='recompile' if shapes really vary (one recompile, then a dynamic-shape graph)"
+            )
+
+    def _precheck(self, state: Any, batch: Any) -> None:
+        """Run the step on fake tensors: catches bad losses and bad batches before dynamo sees them."""
+        fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+        fake = lambda t: fake_mode.from_tensor(t) if isinstance(t, torch.Tensor) else t  # noqa: E731
+        fake_state, fake_batch = tree.map(fake, state), tree.map(fake, batch)
+        fake_log = logging.getLogger("torch._subclasses.fake_tensor")
+        disabled, fake_log.disabled = fake_log.disabled, True  # it logs every failing meta kernel
+        try:
+            with checks(), fake_mode, self._context(state):
+                out = self.core(fake_state, fake_batch)
+            self._check_output(state, out)
+        except (StepError, DonatedStateError):
+            raise
+        except Exception as e:
+            raise step_failure(self.kind, batch, e, " (checked before compiling, on fake tensors)") from None
+        finally:
+            fake_log.disabled = disabled
+
+    def _check_output(self, state: Any, out: Any) -> None:
+        pass
+
+    def _context(self, state: Any) -> _StepMode:
+        return _StepMode(state, self.deterministic, self._train_mode)
+
+    def _run(self, fn: Callable, state: Any, batch: Any, check_output: bool = True) -> Any:
+        if id(fn) in self._ran:
+            with self._context(state):
+                return fn(state, batch)
+        # The first call of fn: eager, it is checked on the real tensors.
+        with self._context(state), checks(not self.compiled):
+            try:
+                out = fn(state, batch)
+            except Exception:
+                if not self.compiled:
+                    raise
+                # A failure dynamo's fake tensors missed: the eager error names the real problem.
+                eager_error = _eager_error(self.core, state, batch)
+                if eager_error is None:
+                    raise
+                # (Not from the compiler's error: its trace is hundreds of lines.)
+                raise step_failure(self.kind, batch, eager_error) from eager_error
+        if not self.compiled and check_output:
+            self._check_output(state, out)
+        self._ran.add(id(fn))
+        return out
+
+
+def _eager_error(core: Callable, state: Any, batch: Any) -> BaseException | None:
+    try:
+        core(state, batch)
+    except Exception as e:
+        return e
+    return None
+
+
+class TrainStep(_Step):
+    """``train_step(state, batch) -> (new_state, metrics)``: pure; ``train_step.donate`` reuses memory.
+
+    Made by :func:`make_train_step` or :func:`compile_step`. ``metrics`` is a dict of 0-d tensors
+    (no host sync). Attributes: ``core`` (the uncompiled pure function), ``num_compiles``.
+    """
+
+    kind = "train_step"
+
+    def __init__(self, core: Callable, **kwargs: Any):
+        super().__init__(core, **kwargs)
+        self._donating: Callable | None = None
+
+    def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, dict]:
+        """One pure step: ``state`` is left untouched."""
+        if self._direct():
+            return self.core(state, batch)
+        self._admit(state, batch)
+        return self._run(self._fn, state, batch)
+
+    def donate(self, state: TrainState, batch: Any) -> tuple[TrainState, dict]:
+        """The same step, computed into ``state``'s own memory (peak memory ~4x params instead of ~7x).
+
+        ``state`` is consumed: its tensors now hold the new values, and any later use of it
+        (another step, ``state.params``, a checkpoint) raises :class:`DonatedStateError`. Use the
+        state this returns. Do not donate a state whose tensors are shared with something you
+        still need (an async checkpoint still writing it, an EMA holding the same tensors).
+        """
+        if self._direct():
+            return self.core(state, batch)
+        self._admit(state, batch)
+        if state not in _donate.TRUSTED:
+            _donate.check_no_aliasing(state)
+        if self._donating is None:
+            fn = _donate.donating(self.core)
+            self._donating = self._compile(fn) if self.compiled else fn
+        metrics = self._run(self._donating, state, batch, check_output=False)
+        new_state = _donate.hand_over(state)
+        with contextlib.suppress(TypeError):  # (a plain dict state cannot be weakly referenced: checked each time)
+            _donate.TRUSTED.add(new_state)
+        return new_state, metrics
+
+    def _check_output(self, state: Any, out: Any) -> None:
+        check_train_output(state, out)
+
+
+class EvalStep(_Step):
+    """``eval_step(state, batch) -> metrics``, with the module in eval mode; made by :func:`make_eval_step`."""
+
+    kind = "eval_step"
+    _train_mode = False
+
+    def __call__(self, state: TrainState, batch: Any) -> dict:
+        """Metrics on one batch (0-d tensors, including ``"loss"``)."""
+        if self._direct():
+            return self.core(state, batch)
+        self._admit(state, batch)
+        return self._run(self._fn, state, batch)
+
+    def _check_output(self, state: Any, out: Any) -> None:
+        check_metrics(out)
+
+
+class PredictStep(EvalStep):
+    """``predict_step(state, batch) -> outputs``, with the module in eval mode; see :func:`make_predict_step`."""
+
+    kind = "predict_step"
+
+    def _check_output(self, state: Any, out: Any) -> None:
+        pass

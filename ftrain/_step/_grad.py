@@ -1,0 +1,207 @@
+"""The pure parts a step is made of: its key, the loss and its gradients, and the train, eval and
+predict cores that :mod:`._compiled` wraps (all traceable: each compiles into one graph)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+from .. import random, tree
+from .._state import TrainState
+from ..precision import Policy
+from ._checks import StepError, check_loss, check_scalar, checking, describe
+
+LossFn = Callable[..., Any]
+
+NEEDS_LOSS_SCALE = (
+    "precision {dtype} with loss scaling needs a state with a loss_scale field; {state} has none: "
+    "build it with ftrain.precision.ScaledTrainState.create(...) (or add `loss_scale: DynamicScale` to your "
+    "TrainState subclass)"
+)
+NOT_DIVISIBLE = (
+    "accumulate={n} splits every batch leaf along dim 0 into {n} equal micro-batches, but {where} is {what}; "
+    "use a batch size divisible by {n}"
+)
+
+
+def step_key(state: TrainState) -> torch.Tensor:
+    """The random key for this step: ``ftrain.random.fold_in(state.key, state.step)``.
+
+    Every step gets fresh masks, and replaying a step from a saved state draws the same ones.
+
+    Example:
+        >>> import torch, ftrain
+        >>> state = ftrain.TrainState.create(torch.nn.Linear(2, 1), ftrain.optim.identity())
+        >>> bool(torch.equal(step_key(state), ftrain.random.fold_in(state.key, 0)))
+        True
+    """
+    return random.fold_in(state.key, state.step)
+
+
+def split_loss_output(out: Any, buffers: dict) -> tuple[torch.Tensor, dict, dict]:
+    """Normalize what a ``loss_fn`` returns to ``(loss, metrics, new_buffers)``.
+
+    A ``loss_fn`` returns ``loss``, ``(loss, metrics)`` or ``(loss, metrics, new_buffers)``;
+    missing metrics are ``{}`` and missing buffers are the ``buffers`` given.
+
+    Example:
+        >>> import torch
+        >>> split_loss_output((torch.tensor(1.0), {"acc": torch.tensor(0.5)}), {})[1]
+        {'acc': tensor(0.5000)}
+    """
+    if isinstance(out, torch.Tensor):
+        return out, {}, buffers
+    if isinstance(out, tuple) and len(out) in (2, 3):
+        metrics = {} if out[1] is None else out[1]
+        if not isinstance(metrics, Mapping):
+            raise StepError(
+                f"loss_fn returned a tuple whose second item is a {type(metrics).__name__}; it must be a dict of "
+                "metrics: return loss, (loss, metrics) or (loss, metrics, new_buffers)"
+            )
+        return out[0], dict(metrics), (out[2] if len(out) == 3 else buffers)
+    raise StepError(f"loss_fn returned {describe(out)}; return loss, (loss, metrics) or (loss, metrics, new_buffers)")
+
+
+def loss_and_grad(
+    loss_fn: LossFn,
+    apply: Callable[..., Any],
+    params: dict,
+    buffers: dict,
+    batch: Any,
+    key: torch.Tensor,
+    *,
+    precision: Policy | str | None = None,
+    loss_scale: torch.Tensor | None = None,
+) -> tuple[dict, torch.Tensor, dict, dict]:
+    """Gradients of ``loss_fn`` w.r.t. ``params``: ``(grads, loss, metrics, new_buffers)``.
+
+    ``loss_fn(apply, params, buffers, batch, key)`` is called once, under the precision policy's
+    autocast; the loss is taken in float32. With ``loss_scale`` (a 0-d tensor) the loss is
+    multiplied by it before the backward and the gradients divided by it after (float16).
+    Built on ``torch.func.grad_and_value``, so it is pure and compiles to one graph.
+
+    Example:
+        >>> import torch, ftrain
+        >>> state = ftrain.TrainState.create(torch.nn.Linear(2, 1), ftrain.optim.identity())
+        >>> def loss_fn(apply, params, buffers, batch, key):
+        ...     out, buffers = apply(params, buffers, batch)
+        ...     return out.square().mean()
+        >>> grads, loss, metrics, _ = loss_and_grad(loss_fn, state.apply_fn, state.params, state.buffers,
+        ...                                         torch.ones(4, 2), step_key(state))
+        >>> sorted(grads)
+        ['bias', 'weight']
+    """
+    policy = Policy.coerce(precision)
+    device_type = tree.device_of(params).type
+
+    def differentiable(p: dict) -> tuple[torch.Tensor, tuple]:
+        with policy.autocast(device_type):
+            out = loss_fn(apply, p, buffers, batch, key)
+        loss, metrics, new_buffers = split_loss_output(out, buffers)
+        if checking():
+            check_loss(loss, metrics, buffers, new_buffers)
+        loss = loss.float()
+        return (loss * loss_scale if loss_scale is not None else loss), (loss, metrics, new_buffers)
+
+    grads, (_, (loss, metrics, new_buffers)) = torch.func.grad_and_value(differentiable, has_aux=True)(params)
+    if loss_scale is not None:
+        grads = tree.map(lambda g: g / loss_scale, grads)
+    return grads, loss.detach(), metric_dict(metrics), new_buffers
+
+
+def train_core(
+    loss_fn: LossFn, policy: Policy, accumulate: int, mesh: Any
+) -> Callable[[TrainState, Any], tuple[TrainState, dict]]:
+    """The pure ``(state, batch) -> (new_state, metrics)`` that :func:`ftrain.make_train_step` compiles."""
+
+    def train_core(state: TrainState, batch: Any) -> tuple[TrainState, dict]:
+        key = step_key(state)
+        scale = None
+        if policy.loss_scaling:
+            if not hasattr(state, "loss_scale"):
+                raise StepError(NEEDS_LOSS_SCALE.format(dtype=policy.compute_dtype, state=type(state).__name__))
+            scale = state.loss_scale.scale
+        # Sharded (DTensor) params are all-gathered here, outside the grad transform (mesh.gather).
+        params = mesh.gather(state.params) if mesh is not None else state.params
+        if accumulate == 1:
+            grads, loss, metrics, buffers = loss_and_grad(
+                loss_fn, state.apply_fn, params, state.buffers, batch, key, precision=policy, loss_scale=scale
+            )
+        else:
+            # An unrolled loop: one graph, one optimizer update; buffers (BatchNorm) thread through.
+            buffers, sums = state.buffers, None
+            for i, micro in enumerate(split_batch(batch, accumulate)):
+                grads, loss, metrics, buffers = loss_and_grad(
+                    loss_fn, state.apply_fn, params, buffers, micro, random.fold_in(key, i), precision=policy,
+                    loss_scale=scale,
+                )  # fmt: skip
+                part = (grads, loss, metrics)
+                sums = part if sums is None else tree.map(torch.add, sums, part)
+            grads, loss, metrics = tree.map(lambda x: x / accumulate, sums)
+        metrics = {**metrics, "loss": loss}
+        if mesh is not None:
+            # One call, so the metrics and the new float buffers (BatchNorm's running stats, which
+            # each rank updated from its own slice) ride in the gradients' packed all-reduce.
+            grads, metrics, buffers = mesh.pmean((grads, metrics, buffers), like=(state.params, metrics, buffers))
+        new = state.apply_gradients(grads, buffers=buffers)
+        if policy.loss_scaling:
+            # Skip the update on overflow (keep params, optimizer state and buffers) and back off.
+            finite = tree.all_finite(grads)
+            kept = tree.where(
+                finite, (new.params, new.opt_state, new.buffers), (state.params, state.opt_state, state.buffers)
+            )
+            new = new.replace(
+                params=kept[0], opt_state=kept[1], buffers=kept[2], loss_scale=policy.adjust(state.loss_scale, finite)
+            )
+            metrics = {**metrics, "loss_scale": scale, "grads_finite": finite.to(torch.float32)}
+        return new, metrics
+
+    return train_core
+
+
+def eval_core(loss_fn: LossFn, policy: Policy) -> Callable[[TrainState, Any], dict]:
+    """The pure ``(state, batch) -> metrics`` that :func:`ftrain.make_eval_step` compiles."""
+
+    def eval_core(state: TrainState, batch: Any) -> dict:
+        with policy.autocast(tree.device_of(state).type):
+            out = loss_fn(state.apply_fn, state.params, state.buffers, batch, step_key(state))
+        loss, metrics, _ = split_loss_output(out, state.buffers)
+        if checking():
+            check_scalar("loss", loss)
+        return {**metric_dict(metrics), "loss": loss.detach().float()}
+
+    return eval_core
+
+
+def default_predict(apply: Callable, params: dict, buffers: dict, batch: Any, key: torch.Tensor) -> Any:
+    """The model's output on the batch, or on ``batch[0]`` when the batch is a tuple/list such as ``(x, y)``."""
+    inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
+    return apply(params, buffers, inputs)[0]
+
+
+def predict_core(predict_fn: LossFn, policy: Policy) -> Callable[[TrainState, Any], Any]:
+    """The pure ``(state, batch) -> outputs`` that :func:`ftrain.make_predict_step` compiles."""
+
+    def predict_core(state: TrainState, batch: Any) -> Any:
+        with policy.autocast(tree.device_of(state).type):
+            return predict_fn(state.apply_fn, state.params, state.buffers, batch, step_key(state))
+
+    return predict_core
+
+
+def split_batch(batch: Any, n: int) -> list[Any]:
+    """``batch`` cut along dim 0 into ``n`` equal micro-batches (a :class:`StepError` if it does not divide)."""
+    paths, leaves, spec = tree.flatten_with_path(batch)
+    for path, x in zip(paths, leaves):
+        if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[0] % n:
+            where = f"batch{'' if path == '<root>' else path}"
+            raise StepError(NOT_DIVISIBLE.format(n=n, where=where, what=describe(x)))
+    chunks = [x.chunk(n) for x in leaves]
+    return [tree.unflatten(spec, [c[i] for c in chunks]) for i in range(n)]
+
+
+def metric_dict(metrics: dict) -> dict:
+    """``metrics`` as detached tensors (Python numbers become 0-d tensors)."""
+    return {k: (v.detach() if isinstance(v, torch.Tensor) else torch.as_tensor(v)) for k, v in metrics.items()}
