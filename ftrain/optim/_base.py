@@ -57,6 +57,7 @@ def identity() -> GradientTransformation:
 def chain(*transforms: GradientTransformation) -> GradientTransformation:
     """Apply ``transforms`` one after another; the state is the tuple of their states.
 
+    >>> import torch
     >>> tx = chain(identity(), identity())
     >>> tx.init({"w": torch.ones(1)})
     (EmptyState(), EmptyState())
@@ -90,6 +91,7 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
 def apply_updates(params: PyTree, updates: PyTree) -> PyTree:
     """``params + updates`` leaf by leaf, out of place; each result keeps its param's dtype.
 
+    >>> import torch
     >>> apply_updates({"w": torch.ones(2)}, {"w": torch.ones(2)})["w"]
     tensor([2., 2.])
     """

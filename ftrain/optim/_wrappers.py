@@ -201,7 +201,7 @@ def partition(
     >>> from ftrain import optim
     >>> tx = partition({"body": optim.sgd(0.1), "head": optim.sgd(1.0)}, {"w": "body", "h": "head"})
     >>> p = {"w": torch.zeros(1), "h": torch.zeros(1)}
-    >>> u, _ = tx.update(tree.ones_like(p), tx.init(p), p)
+    >>> u, _ = tx.update({"w": torch.ones(1), "h": torch.ones(1)}, tx.init(p), p)
     >>> u["w"], u["h"]
     (tensor([-0.1000]), tensor([-1.]))
     """
