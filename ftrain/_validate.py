@@ -61,7 +61,7 @@ def check_number(
     0.5
     >>> check_number(1.0, "beta", who="lr_find", low=0, high=1, open_high=True)
     Traceback (most recent call last):
-    ValueError: lr_find: beta must be a number in [0, 1), got 1.0
+    ValueError: lr_find: beta must be in [0, 1), got 1.0
     """
     if value is None and none_ok:
         return value
@@ -79,7 +79,8 @@ def check_number(
             where = f" {'<' if open_high else '<='} {high}"
         else:
             where = ""
-        kind = "a positive number" if (low == 0 and open_low and high is None) else f"a number{where}"
+        # A stated bound says "a number" already: "beta must be in [0, 1)", "lr must be >= 0".
+        kind = "a positive number" if (low == 0 and open_low and high is None) else where.strip() or "a number"
         raise ValueError(f"{who}: {name} must be {kind}{' or None' if none_ok else ''}, got {value!r}")
     return value
 

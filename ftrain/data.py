@@ -34,6 +34,7 @@ import torch
 import torch.utils.data
 
 from . import random
+from ._validate import check_int
 
 __all__ = ["Loader", "default_collate", "epoch_order"]
 
@@ -122,11 +123,12 @@ class Loader:
                 f"Loader needs a map-style dataset (with __len__ and __getitem__), got {type(dataset).__name__}; "
                 "wrap an iterable source in a list or a torch.utils.data.Dataset"
             )
-        _check_int("batch_size", batch_size, low=1)
-        _check_int("seed", seed)
-        _check_int("num_workers", num_workers, low=0)
-        _check_int("world_size", world_size, low=1)
-        _check_int("rank", rank, low=0)
+        self.dataset = dataset
+        self.batch_size = _check_int("batch_size", batch_size, low=1)
+        self.seed = _check_int("seed", seed)
+        self.num_workers = _check_int("num_workers", num_workers, low=0)
+        self.world_size = _check_int("world_size", world_size, low=1)
+        self.rank = _check_int("rank", rank, low=0)
         if rank >= world_size:
             raise ValueError(f"Loader: rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
         if batch_size % world_size:
@@ -134,26 +136,18 @@ class Loader:
                 f"Loader: batch_size is the global batch and must divide evenly among ranks, got "
                 f"batch_size={batch_size}, world_size={world_size}; use a multiple of {world_size}"
             )
-        size = len(dataset)
+        self._size = size = len(dataset)
         if drop_last and size < batch_size:
             raise ValueError(
                 f"Loader: the dataset has {size} items, fewer than batch_size={batch_size}, and drop_last=True "
                 "leaves no batch; lower batch_size or pass drop_last=False"
             )
-        self.dataset = dataset
-        self.batch_size = batch_size
         self.shuffle = shuffle
-        self.seed = seed
         self.drop_last = drop_last
-        self.num_workers = num_workers
-        self.rank = rank
-        self.world_size = world_size
         self.collate_fn = collate_fn if collate_fn is not None else default_collate
         self.pin_memory = pin_memory
         self.multiprocessing_context = multiprocessing_context
-        self._size = size
-        self._epoch = 0
-        self._batch = 0
+        self._epoch, self._batch = 0, 0  # the position of the next batch
 
     def __len__(self) -> int:
         """Batches in one full epoch."""
@@ -272,11 +266,11 @@ def _pin(batch: Any) -> Any:
     return torch.utils._pytree.tree_map(lambda x: x.pin_memory() if isinstance(x, torch.Tensor) else x, batch)
 
 
-def _check_int(name: str, value: Any, low: int | None = None) -> None:
+def _check_int(name: str, value: Any, low: int | None = None) -> int:
+    # A wrong type stays the TypeError Loader has always raised (check_int would say ValueError).
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"Loader: {name} must be an int, got {type(value).__name__} {value!r}")
-    if low is not None and value < low:
-        raise ValueError(f"Loader: {name} must be >= {low}, got {value}")
+    return check_int(value, name, who="Loader", low=low)
 
 
 def _default_context() -> str | None:
@@ -287,6 +281,7 @@ def _default_context() -> str | None:
 def default_collate(items: list[Any]) -> Any:
     """``torch.utils.data.default_collate``, but tuple items give a tuple batch (torch gives a list).
 
+    >>> import torch
     >>> default_collate([(torch.tensor(1), torch.tensor(2)), (torch.tensor(3), torch.tensor(4))])
     (tensor([1, 3]), tensor([2, 4]))
     """

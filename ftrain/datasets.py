@@ -19,6 +19,8 @@ from functools import lru_cache
 import torch
 from torch.utils.data import TensorDataset
 
+from ._validate import check_int, check_one_of
+
 __all__ = ["SPLITS", "digits"]
 
 SPLITS: dict[str, tuple[float, float]] = {"train": (0.0, 0.7), "val": (0.7, 0.85), "test": (0.85, 1.0)}
@@ -59,10 +61,8 @@ def digits(split: str = "train", *, seed: int = 0, normalize: bool = True) -> Te
         >>> len(val), int(val.tensors[1].max())
         (269, 9)
     """
-    if split not in SPLITS:
-        raise ValueError(f"datasets.digits: split must be one of {sorted(SPLITS)}, got {split!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"datasets.digits: seed must be an int, got {seed!r}")
+    check_one_of(split, "split", SPLITS, who="datasets.digits")
+    check_int(seed, "seed", who="datasets.digits", low=None)
     x, y = _digits_arrays(seed)
     n = len(y)
 

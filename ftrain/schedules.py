@@ -7,6 +7,7 @@ optimizer state, never a Python int. Values are float64 so they match
 Any ``learning_rate`` in :mod:`ftrain.optim` accepts a float or a schedule.
 
 Example:
+    >>> import torch
     >>> from ftrain import optim, schedules
     >>> lr = schedules.warmup_cosine_decay(0.0, peak_value=3e-4, warmup_steps=100, decay_steps=1000)
     >>> float(lr(torch.tensor(100)))
@@ -17,9 +18,12 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
+
+from ._validate import check_number
+from .optim import Schedule
 
 __all__ = [
     "Schedule",
@@ -33,9 +37,6 @@ __all__ = [
     "warmup_cosine_decay",
 ]
 
-Schedule = Callable[[torch.Tensor], torch.Tensor]
-"""A function of the step count (0-d int64 tensor) returning a 0-d float64 tensor."""
-
 _DTYPE = torch.float64
 
 
@@ -44,14 +45,15 @@ def _steps(count: torch.Tensor | int) -> torch.Tensor:
 
 
 def _check_steps(owner: str, name: str, value: int, *, allow_zero: bool = False) -> None:
+    # Not _validate.check_int: its wording for low=1 is "a positive int", and this module's
+    # messages (pinned by its tests) say "an int >= 1" beside "an int >= 0".
     if isinstance(value, bool) or not isinstance(value, int) or value < (0 if allow_zero else 1):
         need = ">= 0" if allow_zero else ">= 1"
         raise ValueError(f"schedules.{owner}: {name} must be an int {need}, got {value!r}")
 
 
 def _check_number(owner: str, name: str, value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"schedules.{owner}: {name} must be a float, got {value!r}")
+    check_number(value, name, who=f"schedules.{owner}")
 
 
 def constant(value: float) -> Schedule:
@@ -256,8 +258,7 @@ def one_cycle(
     """
     _check_steps("one_cycle", "transition_steps", transition_steps)
     _check_number("one_cycle", "peak_value", peak_value)
-    if not 0.0 < pct_start < 1.0:
-        raise ValueError(f"schedules.one_cycle: pct_start must be in (0, 1), got {pct_start!r}")
+    check_number(pct_start, "pct_start", who="schedules.one_cycle", low=0, high=1, open_low=True, open_high=True)
     initial = peak_value / div_factor
     final = initial / final_div_factor
     up_end = float(pct_start * transition_steps) - 1.0

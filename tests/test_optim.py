@@ -710,3 +710,11 @@ def test_wrappers_compile_once_and_match_eager():
     assert tree.allclose(compiled_out, eager_out, rtol=1e-5, atol=1e-6)
     multi = compiled_out[1][0]
     assert int(multi.inner_opt_state.total_notfinite) == 1 and int(multi.gradient_step) == 6
+
+
+def test_non_finite_float_hyperparameters_are_refused():
+    with pytest.raises(ValueError, match=r"adam: learning_rate must be in \[0.0, inf\], got nan"):
+        optim.adam(float("nan"))
+    with pytest.raises(ValueError, match="set_hyperparams: learning_rate must be >= 0, got nan"):
+        state = optim.inject_hyperparams(optim.sgd)(0.1).init({"w": torch.ones(1)})
+        optim.set_hyperparams(state, learning_rate=float("nan"))

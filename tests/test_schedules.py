@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ftrain import schedules
+from ftrain import optim, schedules
 
 LR = 0.1
 
@@ -163,3 +163,8 @@ def test_warmup_cosine_stays_between_its_ends(init, peak, warmup, extra, t):
     assert -1e-12 <= value <= max(init, peak) + 1e-12
     if t >= warmup + extra:
         assert value == pytest.approx(0.0, abs=1e-12)
+
+
+def test_schedule_type_is_the_optimizers_one():
+    # One definition: a function annotated with schedules.Schedule is what optim's learning_rate takes.
+    assert schedules.Schedule is optim.Schedule

@@ -29,6 +29,7 @@ from ._alias import rmsprop as rmsprop
 from ._alias import sgd as sgd
 from ._base import EmptyState as EmptyState
 from ._base import GradientTransformation as GradientTransformation
+from ._base import Scalar as Scalar
 from ._base import ScalarOrSchedule as ScalarOrSchedule
 from ._base import Schedule as Schedule
 from ._base import apply_updates as apply_updates

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ._base import GradientTransformation, ScalarOrSchedule, chain, check_hyperparam
+from ._base import GradientTransformation, Scalar, ScalarOrSchedule, chain, check_hyperparam
 from ._transform import (
     add_decayed_weights,
     scale,
@@ -39,21 +39,39 @@ def _is_zero(value: Any) -> bool:
     return value == 0
 
 
-def _blocks(*maybe: GradientTransformation | None) -> GradientTransformation:
-    return chain(*(t for t in maybe if t is not None))
+def _named(
+    owner: str,
+    learning_rate: ScalarOrSchedule,
+    *core: GradientTransformation | None,
+    weight_decay: Scalar = 0.0,
+    decoupled: bool = False,
+    mask: Any = None,
+    maximize: bool = False,
+) -> GradientTransformation:
+    """The chain every named optimizer is: ``[scale(-1)], [L2 decay], *core, [decoupled decay], lr``.
 
-
-def _maximize(flag: bool) -> GradientTransformation | None:
-    # torch.optim negates the gradient first, before weight decay is added.
-    return scale(-1.0) if flag else None
+    torch.optim negates the gradient first (``maximize``), then adds L2 weight decay; decoupled
+    (AdamW-style) decay comes after the adaptive blocks, right before the learning rate.
+    ``None`` entries of ``core`` are left out.
+    """
+    check_hyperparam(owner, "learning_rate", learning_rate)
+    decay = None if _is_zero(weight_decay) else add_decayed_weights(weight_decay, mask)
+    blocks = (
+        scale(-1.0) if maximize else None,
+        None if decoupled else decay,
+        *core,
+        decay if decoupled else None,
+        scale_by_learning_rate(learning_rate),
+    )
+    return chain(*(t for t in blocks if t is not None))
 
 
 def sgd(
     learning_rate: ScalarOrSchedule,
-    momentum: float | torch.Tensor | None = None,
+    momentum: Scalar | None = None,
     nesterov: bool = False,
     *,
-    weight_decay: float | torch.Tensor = 0.0,
+    weight_decay: Scalar = 0.0,
     maximize: bool = False,
 ) -> GradientTransformation:
     """Stochastic gradient descent, as ``torch.optim.SGD(lr, momentum, nesterov=, weight_decay=, maximize=)``.
@@ -76,27 +94,16 @@ def sgd(
     >>> optim.apply_updates(p, u)["w"]
     tensor([0.9000, 0.9000])
     """
-    check_hyperparam("sgd", "learning_rate", learning_rate)
     if nesterov and _is_zero(momentum):
         raise ValueError("sgd: nesterov=True needs a momentum > 0 (as in torch.optim.SGD)")
-    return _blocks(
-        _maximize(maximize),
-        None if _is_zero(weight_decay) else add_decayed_weights(weight_decay),
-        None if _is_zero(momentum) else trace(momentum, nesterov),
-        scale_by_learning_rate(learning_rate),
-    )
+    momentum_block = None if _is_zero(momentum) else trace(momentum, nesterov)
+    return _named("sgd", learning_rate, momentum_block, weight_decay=weight_decay, maximize=maximize)
 
 
 def adam(
-    learning_rate: ScalarOrSchedule,
-    b1: float | torch.Tensor = 0.9,
-    b2: float | torch.Tensor = 0.999,
-    eps: float | torch.Tensor = 1e-8,
-    *,
-    weight_decay: float | torch.Tensor = 0.0,
-    amsgrad: bool = False,
-    maximize: bool = False,
-) -> GradientTransformation:
+    learning_rate: ScalarOrSchedule, b1: Scalar = 0.9, b2: Scalar = 0.999, eps: Scalar = 1e-8,
+    *, weight_decay: Scalar = 0.0, amsgrad: bool = False, maximize: bool = False,
+) -> GradientTransformation:  # fmt: skip
     """Adam, as ``torch.optim.Adam(lr, betas=(b1, b2), eps, weight_decay, amsgrad, maximize)``.
 
     Update rule (``t`` the 1-based step)::
@@ -115,26 +122,14 @@ def adam(
     >>> u["w"]
     tensor([-0.1000,  0.1000])
     """
-    check_hyperparam("adam", "learning_rate", learning_rate)
-    return _blocks(
-        _maximize(maximize),
-        None if _is_zero(weight_decay) else add_decayed_weights(weight_decay),
-        scale_by_adam(b1, b2, eps, amsgrad=amsgrad),
-        scale_by_learning_rate(learning_rate),
-    )
+    adaptive = scale_by_adam(b1, b2, eps, amsgrad=amsgrad)
+    return _named("adam", learning_rate, adaptive, weight_decay=weight_decay, maximize=maximize)
 
 
 def adamw(
-    learning_rate: ScalarOrSchedule,
-    b1: float | torch.Tensor = 0.9,
-    b2: float | torch.Tensor = 0.999,
-    eps: float | torch.Tensor = 1e-8,
-    weight_decay: float | torch.Tensor = 1e-2,
-    *,
-    mask: Any = None,
-    amsgrad: bool = False,
-    maximize: bool = False,
-) -> GradientTransformation:
+    learning_rate: ScalarOrSchedule, b1: Scalar = 0.9, b2: Scalar = 0.999, eps: Scalar = 1e-8,
+    weight_decay: Scalar = 1e-2, *, mask: Any = None, amsgrad: bool = False, maximize: bool = False,
+) -> GradientTransformation:  # fmt: skip
     """AdamW, as ``torch.optim.AdamW(lr, betas=(b1, b2), eps, weight_decay, amsgrad, maximize)``.
 
     Decoupled weight decay (torch applies ``p *= 1 - lr * wd`` before the Adam step; the sum is
@@ -156,26 +151,17 @@ def adamw(
     >>> optim.apply_updates(p, u)["w"]     # 1 - 0.1 * (1 + 0.5 * 1)
     tensor([0.8500])
     """
-    check_hyperparam("adamw", "learning_rate", learning_rate)
-    return _blocks(
-        _maximize(maximize),
-        scale_by_adam(b1, b2, eps, amsgrad=amsgrad),
-        None if _is_zero(weight_decay) else add_decayed_weights(weight_decay, mask),
-        scale_by_learning_rate(learning_rate),
+    adaptive = scale_by_adam(b1, b2, eps, amsgrad=amsgrad)
+    return _named(
+        "adamw", learning_rate, adaptive, weight_decay=weight_decay, decoupled=True, mask=mask, maximize=maximize
     )
 
 
 def nadam(
-    learning_rate: ScalarOrSchedule,
-    b1: float | torch.Tensor = 0.9,
-    b2: float | torch.Tensor = 0.999,
-    eps: float | torch.Tensor = 1e-8,
-    *,
-    weight_decay: float | torch.Tensor = 0.0,
-    momentum_decay: float = 4e-3,
-    decoupled_weight_decay: bool = False,
+    learning_rate: ScalarOrSchedule, b1: Scalar = 0.9, b2: Scalar = 0.999, eps: Scalar = 1e-8,
+    *, weight_decay: Scalar = 0.0, momentum_decay: float = 4e-3, decoupled_weight_decay: bool = False,
     maximize: bool = False,
-) -> GradientTransformation:
+) -> GradientTransformation:  # fmt: skip
     """NAdam, as ``torch.optim.NAdam(lr, betas=(b1, b2), eps, weight_decay, momentum_decay,
     decoupled_weight_decay, maximize)``. The rule is in :func:`scale_by_nadam`; weight decay is
     L2 (added to the gradient first) or, with ``decoupled_weight_decay``, AdamW-style.
@@ -188,27 +174,16 @@ def nadam(
     >>> bool(u["w"] < 0)
     True
     """
-    check_hyperparam("nadam", "learning_rate", learning_rate)
-    decay = None if _is_zero(weight_decay) else add_decayed_weights(weight_decay)
-    return _blocks(
-        _maximize(maximize),
-        None if decoupled_weight_decay else decay,
-        scale_by_nadam(b1, b2, eps, momentum_decay=momentum_decay),
-        decay if decoupled_weight_decay else None,
-        scale_by_learning_rate(learning_rate),
+    adaptive = scale_by_nadam(b1, b2, eps, momentum_decay=momentum_decay)
+    return _named(
+        "nadam", learning_rate, adaptive, weight_decay=weight_decay, decoupled=decoupled_weight_decay, maximize=maximize
     )
 
 
 def radam(
-    learning_rate: ScalarOrSchedule,
-    b1: float | torch.Tensor = 0.9,
-    b2: float | torch.Tensor = 0.999,
-    eps: float | torch.Tensor = 1e-8,
-    *,
-    weight_decay: float | torch.Tensor = 0.0,
-    decoupled_weight_decay: bool = False,
-    maximize: bool = False,
-) -> GradientTransformation:
+    learning_rate: ScalarOrSchedule, b1: Scalar = 0.9, b2: Scalar = 0.999, eps: Scalar = 1e-8,
+    *, weight_decay: Scalar = 0.0, decoupled_weight_decay: bool = False, maximize: bool = False,
+) -> GradientTransformation:  # fmt: skip
     """RAdam, as ``torch.optim.RAdam(lr, betas=(b1, b2), eps, weight_decay, decoupled_weight_decay,
     maximize)``. The rule is in :func:`scale_by_radam`.
 
@@ -219,27 +194,16 @@ def radam(
     >>> tx.update({"w": torch.ones(1)}, tx.init(p), p)[0]["w"]   # un-rectified first steps: -lr * m_hat
     tensor([-0.1000])
     """
-    check_hyperparam("radam", "learning_rate", learning_rate)
-    decay = None if _is_zero(weight_decay) else add_decayed_weights(weight_decay)
-    return _blocks(
-        _maximize(maximize),
-        None if decoupled_weight_decay else decay,
-        scale_by_radam(b1, b2, eps),
-        decay if decoupled_weight_decay else None,
-        scale_by_learning_rate(learning_rate),
+    adaptive = scale_by_radam(b1, b2, eps)
+    return _named(
+        "radam", learning_rate, adaptive, weight_decay=weight_decay, decoupled=decoupled_weight_decay, maximize=maximize
     )
 
 
 def rmsprop(
-    learning_rate: ScalarOrSchedule,
-    decay: float | torch.Tensor = 0.99,
-    eps: float | torch.Tensor = 1e-8,
-    *,
-    momentum: float | torch.Tensor | None = None,
-    centered: bool = False,
-    weight_decay: float | torch.Tensor = 0.0,
-    maximize: bool = False,
-) -> GradientTransformation:
+    learning_rate: ScalarOrSchedule, decay: Scalar = 0.99, eps: Scalar = 1e-8,
+    *, momentum: Scalar | None = None, centered: bool = False, weight_decay: Scalar = 0.0, maximize: bool = False,
+) -> GradientTransformation:  # fmt: skip
     """RMSprop, as ``torch.optim.RMSprop(lr, alpha=decay, eps, weight_decay, momentum, centered,
     maximize)``::
 
@@ -258,25 +222,15 @@ def rmsprop(
     >>> tx.update({"w": torch.tensor([4.0])}, tx.init(p), p)[0]["w"]
     tensor([-0.0100])
     """
-    check_hyperparam("rmsprop", "learning_rate", learning_rate)
-    return _blocks(
-        _maximize(maximize),
-        None if _is_zero(weight_decay) else add_decayed_weights(weight_decay),
-        scale_by_rms(decay, eps, centered=centered),
-        None if _is_zero(momentum) else trace(momentum),
-        scale_by_learning_rate(learning_rate),
-    )
+    adaptive = scale_by_rms(decay, eps, centered=centered)
+    momentum_block = None if _is_zero(momentum) else trace(momentum)
+    return _named("rmsprop", learning_rate, adaptive, momentum_block, weight_decay=weight_decay, maximize=maximize)
 
 
 def adagrad(
-    learning_rate: ScalarOrSchedule,
-    lr_decay: float | torch.Tensor = 0.0,
-    weight_decay: float | torch.Tensor = 0.0,
-    initial_accumulator_value: float = 0.0,
-    eps: float | torch.Tensor = 1e-10,
-    *,
-    maximize: bool = False,
-) -> GradientTransformation:
+    learning_rate: ScalarOrSchedule, lr_decay: Scalar = 0.0, weight_decay: Scalar = 0.0,
+    initial_accumulator_value: float = 0.0, eps: Scalar = 1e-10, *, maximize: bool = False,
+) -> GradientTransformation:  # fmt: skip
     """Adagrad, as ``torch.optim.Adagrad(lr, lr_decay, weight_decay, initial_accumulator_value,
     eps, maximize)`` (same argument order)::
 
@@ -304,22 +258,14 @@ def adagrad(
             value = base(count) if callable(base) else base
             return value / (1.0 + count.to(torch.float64) * lr_decay)
 
-    return _blocks(
-        _maximize(maximize),
-        None if _is_zero(weight_decay) else add_decayed_weights(weight_decay),
-        scale_by_rss(initial_accumulator_value, eps),
-        scale_by_learning_rate(lr),
-    )
+    adaptive = scale_by_rss(initial_accumulator_value, eps)
+    return _named("adagrad", lr, adaptive, weight_decay=weight_decay, maximize=maximize)
 
 
 def lion(
-    learning_rate: ScalarOrSchedule,
-    b1: float | torch.Tensor = 0.9,
-    b2: float | torch.Tensor = 0.99,
-    weight_decay: float | torch.Tensor = 1e-3,
-    *,
-    mask: Any = None,
-) -> GradientTransformation:
+    learning_rate: ScalarOrSchedule, b1: Scalar = 0.9, b2: Scalar = 0.99, weight_decay: Scalar = 1e-3,
+    *, mask: Any = None,
+) -> GradientTransformation:  # fmt: skip
     """Lion (Chen et al., 2023; not in torch.optim), with optax's defaults::
 
         p <- p - learning_rate * (sign(b1 m + (1 - b1) g) + weight_decay * p)
@@ -335,9 +281,4 @@ def lion(
     >>> tx.update({"w": torch.tensor([0.2, -5.0])}, tx.init(p), p)[0]["w"]
     tensor([-0.1000,  0.1000])
     """
-    check_hyperparam("lion", "learning_rate", learning_rate)
-    return _blocks(
-        scale_by_lion(b1, b2),
-        None if _is_zero(weight_decay) else add_decayed_weights(weight_decay, mask),
-        scale_by_learning_rate(learning_rate),
-    )
+    return _named("lion", learning_rate, scale_by_lion(b1, b2), weight_decay=weight_decay, decoupled=True, mask=mask)

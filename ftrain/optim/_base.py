@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
 
 from .. import tree
+from .._validate import check_number
+from ..tree import PyTree
 
-PyTree = Any
+Schedule = Callable[[torch.Tensor], torch.Tensor]
+"""A function of the step count (a 0-d int64 tensor) returning a 0-d tensor; see :mod:`ftrain.schedules`."""
+
+Scalar = float | torch.Tensor
+"""A hyperparameter: a Python float, or a 0-d tensor once :func:`inject_hyperparams` holds it in the state."""
+
+ScalarOrSchedule = Scalar | Schedule
+"""A hyperparameter that may also follow a :data:`Schedule` of the step count (e.g. a learning rate)."""
 
 
 class GradientTransformation(NamedTuple):
@@ -47,6 +57,7 @@ def identity() -> GradientTransformation:
 def chain(*transforms: GradientTransformation) -> GradientTransformation:
     """Apply ``transforms`` one after another; the state is the tuple of their states.
 
+    >>> import torch
     >>> tx = chain(identity(), identity())
     >>> tx.init({"w": torch.ones(1)})
     (EmptyState(), EmptyState())
@@ -80,6 +91,7 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
 def apply_updates(params: PyTree, updates: PyTree) -> PyTree:
     """``params + updates`` leaf by leaf, out of place; each result keeps its param's dtype.
 
+    >>> import torch
     >>> apply_updates({"w": torch.ones(2)}, {"w": torch.ones(2)})["w"]
     tensor([2., 2.])
     """
@@ -88,11 +100,6 @@ def apply_updates(params: PyTree, updates: PyTree) -> PyTree:
 
 
 # --- shared helpers for the building blocks -------------------------------------------------
-
-Schedule = Callable[[torch.Tensor], torch.Tensor]
-"""A function of the step count (a 0-d int64 tensor) returning a 0-d tensor; see :mod:`ftrain.schedules`."""
-
-ScalarOrSchedule = float | torch.Tensor | Schedule
 
 SCALAR_DTYPE = torch.float64
 """Dtype for scalar bookkeeping (bias corrections, schedule values): float64 so the
@@ -110,26 +117,24 @@ def check_hyperparam(
     value: Any,
     *,
     low: float = 0.0,
-    high: float | None = None,
+    high: float = math.inf,
     high_open: bool = False,
     low_open: bool = False,
 ) -> None:
-    """Raise a clear ``ValueError`` if a Python-number hyperparameter is out of range.
+    """Raise a clear ``ValueError`` if a Python-number hyperparameter is out of ``[low, high]``.
 
     Tensors (injected hyperparameters) and schedules are not checked: reading them would
     sync the host; their initial values were checked when the optimizer was built.
+
+    >>> check_hyperparam("adam", "b1", 1.0, high=1.0, high_open=True)
+    Traceback (most recent call last):
+    ValueError: adam: b1 must be in [0.0, 1.0), got 1.0
     """
     if is_tensor_hyperparam(value) or callable(value):
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{owner}: {name} must be a float (or a tensor/schedule), got {value!r}")
-    bad_low = value <= low if low_open else value < low
-    bad_high = high is not None and (value >= high if high_open else value > high)
-    if bad_low or bad_high:
-        lo = "(" if low_open else "["
-        hi = ")" if high_open else "]"
-        rng = f"{lo}{low}, {high if high is not None else 'inf'}{hi}"
-        raise ValueError(f"{owner}: {name} must be in {rng}, got {value!r}")
+    check_number(value, name, who=owner, low=low, high=high, open_low=low_open, open_high=high_open)
 
 
 def cast_like(value: Any, like: torch.Tensor) -> Any:
@@ -139,17 +144,9 @@ def cast_like(value: Any, like: torch.Tensor) -> Any:
     return value
 
 
-def params_device(params: PyTree) -> torch.device:
-    """The device of the first tensor leaf of ``params`` (CPU for an empty tree)."""
-    for leaf in tree.leaves(params):
-        if isinstance(leaf, torch.Tensor):
-            return leaf.device
-    return torch.device("cpu")
-
-
 def zero_count(params: PyTree) -> torch.Tensor:
     """A fresh step count: a 0-d int64 tensor on the params' device (a tensor, so it never recompiles)."""
-    return torch.zeros((), dtype=torch.int64, device=params_device(params))
+    return torch.zeros((), dtype=torch.int64, device=tree.device_of(params))
 
 
 def need_params(owner: str, params: PyTree) -> None:

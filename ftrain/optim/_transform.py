@@ -14,11 +14,12 @@ from typing import Any, NamedTuple
 import torch
 
 from .. import tree
+from ..tree import PyTree
 from ._base import (
     SCALAR_DTYPE,
     EmptyState,
     GradientTransformation,
-    PyTree,
+    Scalar,
     ScalarOrSchedule,
     cast_like,
     check_hyperparam,
@@ -26,6 +27,7 @@ from ._base import (
     need_params,
     zero_count,
 )
+from ._wrappers import masked
 
 __all__ = [
     "ClipByGlobalNormState",
@@ -64,10 +66,26 @@ def _one_minus(x: Any) -> Any:
     return 1.0 - x
 
 
+def _check_moment_decays(owner: str, b1: Any, b2: Any, eps: Any) -> None:
+    check_hyperparam(owner, "b1", b1, high=1.0, high_open=True)
+    check_hyperparam(owner, "b2", b2, high=1.0, high_open=True)
+    check_hyperparam(owner, "eps", eps)
+
+
+def _first_moment(updates: PyTree, mu: PyTree, decay: Any) -> PyTree:
+    """``m <- decay * m + (1 - decay) * g``, as torch's ``exp_avg.lerp_(g, 1 - decay)`` (same rounding)."""
+    return tree.map(lambda g, m: torch.lerp(m, g, cast_like(_one_minus(decay), m)), updates, mu)
+
+
+def _second_moment(updates: PyTree, nu: PyTree, decay: Any) -> PyTree:
+    """``v <- decay * v + (1 - decay) * g * g``, in torch's order of operations."""
+    return tree.map(lambda g, v: v * cast_like(decay, v) + cast_like(_one_minus(decay), v) * g * g, updates, nu)
+
+
 # --- scaling -----------------------------------------------------------------------------
 
 
-def scale(step_size: float | torch.Tensor) -> GradientTransformation:
+def scale(step_size: Scalar) -> GradientTransformation:
     """Multiply every update by ``step_size``: ``u <- step_size * u``.
 
     >>> import torch
@@ -137,7 +155,7 @@ def scale_by_learning_rate(learning_rate: ScalarOrSchedule, *, flip_sign: bool =
 # --- weight decay and momentum -----------------------------------------------------------
 
 
-def add_decayed_weights(weight_decay: float | torch.Tensor = 0.0, mask: Any = None) -> GradientTransformation:
+def add_decayed_weights(weight_decay: Scalar = 0.0, mask: Any = None) -> GradientTransformation:
     """Add ``weight_decay * p`` to each update: ``u <- u + wd * p``.
 
     Before an adaptive block this is L2 regularisation (``torch.optim.Adam(weight_decay=...)``,
@@ -161,11 +179,7 @@ def add_decayed_weights(weight_decay: float | torch.Tensor = 0.0, mask: Any = No
         return tree.map(lambda u, p: u + cast_like(weight_decay, p) * p, updates, params), state
 
     tx = GradientTransformation(init, update)
-    if mask is not None:
-        from ._wrappers import masked
-
-        return masked(tx, mask)
-    return tx
+    return tx if mask is None else masked(tx, mask)
 
 
 class TraceState(NamedTuple):
@@ -174,7 +188,7 @@ class TraceState(NamedTuple):
     trace: PyTree
 
 
-def trace(decay: float | torch.Tensor, nesterov: bool = False) -> GradientTransformation:
+def trace(decay: Scalar, nesterov: bool = False) -> GradientTransformation:
     """Momentum: ``b <- decay * b + u``; the update is ``b`` (or ``u + decay * b`` with ``nesterov``).
 
     Equals ``torch.optim.SGD(momentum=decay, nesterov=nesterov, dampening=0)``'s buffer (torch's
@@ -218,11 +232,7 @@ class ScaleByAdamState(NamedTuple):
 
 
 def scale_by_adam(
-    b1: float | torch.Tensor = 0.9,
-    b2: float | torch.Tensor = 0.999,
-    eps: float | torch.Tensor = 1e-8,
-    *,
-    amsgrad: bool = False,
+    b1: Scalar = 0.9, b2: Scalar = 0.999, eps: Scalar = 1e-8, *, amsgrad: bool = False
 ) -> GradientTransformation:
     """Adam's rescaling, with torch.optim.Adam's exact formula.
 
@@ -242,9 +252,7 @@ def scale_by_adam(
     >>> tx.update({"w": torch.tensor([2.0, -3.0])}, tx.init(p))[0]["w"].round(decimals=4)
     tensor([ 1., -1.])
     """
-    check_hyperparam("scale_by_adam", "b1", b1, high=1.0, high_open=True)
-    check_hyperparam("scale_by_adam", "b2", b2, high=1.0, high_open=True)
-    check_hyperparam("scale_by_adam", "eps", eps)
+    _check_moment_decays("scale_by_adam", b1, b2, eps)
 
     def init(params: PyTree) -> ScaleByAdamState:
         # () rather than None when absent: torch's pytree (vmap, dynamo) takes None for a leaf.
@@ -255,8 +263,7 @@ def scale_by_adam(
         count = state.count + 1
         t = _float_count(count)
         bc1, bc2_sqrt = materialize(1.0 - b1**t, torch.sqrt(1.0 - b2**t))
-        mu = tree.map(lambda g, m: torch.lerp(m, g, cast_like(_one_minus(b1), m)), updates, state.mu)
-        nu = tree.map(lambda g, v: v * cast_like(b2, v) + cast_like(_one_minus(b2), v) * g * g, updates, state.nu)
+        mu, nu = _first_moment(updates, state.mu, b1), _second_moment(updates, state.nu, b2)
         nu_max = tree.map(torch.maximum, state.nu_max, nu) if amsgrad else ()
         second = nu_max if amsgrad else nu
 
@@ -279,11 +286,7 @@ class ScaleByNadamState(NamedTuple):
 
 
 def scale_by_nadam(
-    b1: float | torch.Tensor = 0.9,
-    b2: float | torch.Tensor = 0.999,
-    eps: float | torch.Tensor = 1e-8,
-    *,
-    momentum_decay: float = 4e-3,
+    b1: Scalar = 0.9, b2: Scalar = 0.999, eps: Scalar = 1e-8, *, momentum_decay: float = 4e-3
 ) -> GradientTransformation:
     """NAdam's rescaling with torch.optim.NAdam's momentum schedule.
 
@@ -303,9 +306,7 @@ def scale_by_nadam(
     >>> bool(u["w"] > 0)
     True
     """
-    check_hyperparam("scale_by_nadam", "b1", b1, high=1.0, high_open=True)
-    check_hyperparam("scale_by_nadam", "b2", b2, high=1.0, high_open=True)
-    check_hyperparam("scale_by_nadam", "eps", eps)
+    _check_moment_decays("scale_by_nadam", b1, b2, eps)
     check_hyperparam("scale_by_nadam", "momentum_decay", momentum_decay)
 
     def init(params: PyTree) -> ScaleByNadamState:
@@ -323,8 +324,7 @@ def scale_by_nadam(
         coef_g = (1.0 - mu_t) / (1.0 - mu_product)
         coef_m = mu_next / (1.0 - mu_product * mu_next)
         bc2, coef_g, coef_m = materialize(bc2, coef_g, coef_m)
-        mu = tree.map(lambda g, m: torch.lerp(m, g, cast_like(_one_minus(b1), m)), updates, state.mu)
-        nu = tree.map(lambda g, v: v * cast_like(b2, v) + cast_like(_one_minus(b2), v) * g * g, updates, state.nu)
+        mu, nu = _first_moment(updates, state.mu, b1), _second_moment(updates, state.nu, b2)
 
         def direction(g: torch.Tensor, m: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             denom = torch.sqrt(v / bc2.to(v.dtype)) + cast_like(eps, v)
@@ -344,11 +344,7 @@ class ScaleByRadamState(NamedTuple):
 
 
 def scale_by_radam(
-    b1: float | torch.Tensor = 0.9,
-    b2: float | torch.Tensor = 0.999,
-    eps: float | torch.Tensor = 1e-8,
-    *,
-    threshold: float = 5.0,
+    b1: Scalar = 0.9, b2: Scalar = 0.999, eps: Scalar = 1e-8, *, threshold: float = 5.0
 ) -> GradientTransformation:
     """RAdam's rectified rescaling, with torch.optim.RAdam's formula.
 
@@ -368,9 +364,7 @@ def scale_by_radam(
     >>> tx.update({"w": torch.ones(1)}, tx.init({"w": torch.zeros(1)}))[0]["w"]
     tensor([1.])
     """
-    check_hyperparam("scale_by_radam", "b1", b1, high=1.0, high_open=True)
-    check_hyperparam("scale_by_radam", "b2", b2, high=1.0, high_open=True)
-    check_hyperparam("scale_by_radam", "eps", eps)
+    _check_moment_decays("scale_by_radam", b1, b2, eps)
 
     def init(params: PyTree) -> ScaleByRadamState:
         return ScaleByRadamState(zero_count(params), tree.zeros_like(params), tree.zeros_like(params))
@@ -390,8 +384,7 @@ def scale_by_radam(
         )
         bc1, bc2_sqrt, rect, rectify = materialize(bc1, torch.sqrt(bc2), rect, rectify)
         rectify = rectify > 0
-        mu = tree.map(lambda g, m: torch.lerp(m, g, cast_like(_one_minus(b1), m)), updates, state.mu)
-        nu = tree.map(lambda g, v: v * cast_like(b2, v) + cast_like(_one_minus(b2), v) * g * g, updates, state.nu)
+        mu, nu = _first_moment(updates, state.mu, b1), _second_moment(updates, state.nu, b2)
 
         def direction(m: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             m_hat = m / bc1.to(m.dtype)
@@ -412,11 +405,7 @@ class ScaleByRmsState(NamedTuple):
 
 
 def scale_by_rms(
-    decay: float | torch.Tensor = 0.99,
-    eps: float | torch.Tensor = 1e-8,
-    *,
-    centered: bool = False,
-    initial_scale: float = 0.0,
+    decay: Scalar = 0.99, eps: Scalar = 1e-8, *, centered: bool = False, initial_scale: float = 0.0
 ) -> GradientTransformation:
     """RMSprop's rescaling, with torch.optim.RMSprop's formula (``decay`` is torch's ``alpha``)::
 
@@ -439,9 +428,9 @@ def scale_by_rms(
         return ScaleByRmsState(nu, tree.zeros_like(params) if centered else ())
 
     def update(updates: PyTree, state: ScaleByRmsState, params: PyTree = None):
-        nu = tree.map(lambda g, v: v * cast_like(decay, v) + cast_like(_one_minus(decay), v) * g * g, updates, state.nu)
+        nu = _second_moment(updates, state.nu, decay)
         if centered:
-            mu = tree.map(lambda g, m: torch.lerp(m, g, cast_like(_one_minus(decay), m)), updates, state.mu)
+            mu = _first_moment(updates, state.mu, decay)
             updates = tree.map(lambda g, v, m: g / (torch.sqrt(v - m * m) + cast_like(eps, v)), updates, nu, mu)
         else:
             mu = ()
@@ -457,7 +446,7 @@ class ScaleByRssState(NamedTuple):
     sum_of_squares: PyTree
 
 
-def scale_by_rss(initial_accumulator_value: float = 0.0, eps: float | torch.Tensor = 1e-10) -> GradientTransformation:
+def scale_by_rss(initial_accumulator_value: float = 0.0, eps: Scalar = 1e-10) -> GradientTransformation:
     """Adagrad's rescaling, with torch.optim.Adagrad's formula::
 
         s <- s + g * g              (s starts at initial_accumulator_value)
@@ -491,7 +480,7 @@ class ScaleByLionState(NamedTuple):
     mu: PyTree
 
 
-def scale_by_lion(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor = 0.99) -> GradientTransformation:
+def scale_by_lion(b1: Scalar = 0.9, b2: Scalar = 0.99) -> GradientTransformation:
     """Lion's sign update (Chen et al., 2023; torch.optim has no Lion)::
 
         u <- sign(b1 * m + (1 - b1) * g)
@@ -521,7 +510,7 @@ def scale_by_lion(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor = 0.9
 # --- clipping ------------------------------------------------------------------------------
 
 
-def clip(max_delta: float | torch.Tensor) -> GradientTransformation:
+def clip(max_delta: Scalar) -> GradientTransformation:
     """Clip each update element-wise to ``[-max_delta, max_delta]``
     (``torch.nn.utils.clip_grad_value_(clip_value=max_delta)``).
 
@@ -549,7 +538,7 @@ class ClipByGlobalNormState(NamedTuple):
     """State of :func:`clip_by_global_norm` (none is kept)."""
 
 
-def clip_by_global_norm(max_norm: float | torch.Tensor) -> GradientTransformation:
+def clip_by_global_norm(max_norm: Scalar) -> GradientTransformation:
     """Scale all updates together so their global L2 norm is at most ``max_norm``.
 
     Same formula as ``torch.nn.utils.clip_grad_norm_(max_norm=max_norm)``::
@@ -590,7 +579,7 @@ class EmaParamsState(NamedTuple):
     ema: PyTree
 
 
-def ema_params(decay: float | torch.Tensor = 0.999) -> GradientTransformation:
+def ema_params(decay: Scalar = 0.999) -> GradientTransformation:
     """Keep an exponential moving average of the *params after this update*; updates pass through.
 
     Put it last in a chain, so ``params + updates`` are the new params. Like

@@ -12,7 +12,9 @@ import optree
 import torch
 
 from .. import tree
-from ._base import GradientTransformation, PyTree, materialize, params_device, zero_count
+from .._validate import check_int, check_number
+from ..tree import PyTree
+from ._base import GradientTransformation, materialize, zero_count
 
 __all__ = [
     "ApplyIfFiniteState",
@@ -199,7 +201,7 @@ def partition(
     >>> from ftrain import optim
     >>> tx = partition({"body": optim.sgd(0.1), "head": optim.sgd(1.0)}, {"w": "body", "h": "head"})
     >>> p = {"w": torch.zeros(1), "h": torch.zeros(1)}
-    >>> u, _ = tx.update(tree.ones_like(p), tx.init(p), p)
+    >>> u, _ = tx.update({"w": torch.ones(1), "h": torch.ones(1)}, tx.init(p), p)
     >>> u["w"], u["h"]
     (tensor([-0.1000]), tensor([-1.]))
     """
@@ -247,11 +249,12 @@ def partition(
     return GradientTransformation(init, update)
 
 
-# --- selecting between a new and an old state without a branch ------------------------------
+# --- updating only on some steps, without a branch ---------------------------------------------
 
 
-def _where(cond: torch.Tensor, new: PyTree, old: PyTree) -> PyTree:
-    return tree.map(lambda a, b: torch.where(cond, a, b), new, old)
+def _zeros_unless(cond: torch.Tensor, updates: PyTree) -> PyTree:
+    """``updates`` where ``cond`` holds, else zeros of the same shape (a ``torch.where``, not an ``if``)."""
+    return tree.where(cond, updates, tree.zeros_like(updates))
 
 
 class MultiStepsState(NamedTuple):
@@ -308,14 +311,13 @@ class MultiSteps(GradientTransformation):
             acc = tree.map(lambda a, g: a + (g - a) / n.to(a.dtype), state.acc_grads, updates)
             emit = n >= k
             inner_updates, inner_state = opt.update(acc, state.inner_opt_state, params)
-            out = tree.map(lambda u: torch.where(emit, u, torch.zeros_like(u)), inner_updates)
             new_state = MultiStepsState(
                 mini_step=torch.where(emit, torch.zeros_like(n), n),
                 gradient_step=state.gradient_step + emit.to(state.gradient_step.dtype),
-                inner_opt_state=_where(emit, inner_state, state.inner_opt_state),
-                acc_grads=tree.map(lambda a: torch.where(emit, torch.zeros_like(a), a), acc),
+                inner_opt_state=tree.where(emit, inner_state, state.inner_opt_state),
+                acc_grads=_zeros_unless(~emit, acc),
             )
-            return out, new_state
+            return _zeros_unless(emit, inner_updates), new_state
 
         return super().__new__(cls, init, update)
 
@@ -362,8 +364,7 @@ def apply_if_finite(inner: GradientTransformation, max_consecutive_errors: int =
     (tensor([0.]), 1)
     """
     _check_transform("apply_if_finite", "inner", inner)
-    if isinstance(max_consecutive_errors, bool) or not isinstance(max_consecutive_errors, int):
-        raise TypeError(f"apply_if_finite: max_consecutive_errors must be an int, got {max_consecutive_errors!r}")
+    check_int(max_consecutive_errors, "max_consecutive_errors", who="apply_if_finite", low=None)
 
     def init(params: PyTree) -> ApplyIfFiniteState:
         # Separate tensors, never one shared: dynamo guards on aliasing, and a step that aliases
@@ -373,21 +374,16 @@ def apply_if_finite(inner: GradientTransformation, max_consecutive_errors: int =
         return ApplyIfFiniteState(count, finite, zero_count(params), inner.init(params))
 
     def update(updates: PyTree, state: ApplyIfFiniteState, params: PyTree = None):
-        leaves = tree.leaves(updates)
-        finite = (
-            torch.stack([torch.isfinite(x).all() for x in leaves]).all()
-            if leaves
-            else torch.ones((), dtype=torch.bool, device=state.last_finite.device)
-        )
+        # .to: an empty tree's flag is made on the CPU, and the state must stay on its device.
+        finite = tree.all_finite(updates).to(state.last_finite.device)
         inner_updates, inner_state = inner.update(updates, state.inner_state, params)
         notfinite_count = torch.where(finite, torch.zeros_like(state.notfinite_count), state.notfinite_count + 1)
         apply = torch.logical_or(finite, notfinite_count > max_consecutive_errors)
-        out = tree.map(lambda u: torch.where(apply, u, torch.zeros_like(u)), inner_updates)
-        return out, ApplyIfFiniteState(
+        return _zeros_unless(apply, inner_updates), ApplyIfFiniteState(
             notfinite_count=notfinite_count,
             last_finite=finite,
             total_notfinite=state.total_notfinite + (~finite).to(state.total_notfinite.dtype),
-            inner_state=_where(apply, inner_state, state.inner_state),
+            inner_state=tree.where(apply, inner_state, state.inner_state),
         )
 
     return GradientTransformation(init, update)
@@ -464,7 +460,7 @@ def inject_hyperparams(
             return torch.as_tensor(value).detach().to(dtype=like["dtype"], device=like["device"])
 
         def init(params: PyTree) -> InjectHyperparamsState:
-            like = {"dtype": hyperparam_dtype or _float_dtype(params), "device": params_device(params)}
+            like = {"dtype": hyperparam_dtype or _float_dtype(params), "device": tree.device_of(params)}
             count = zero_count(params)
             hp = {name: as_tensor(v, like) for name, v in numeric.items()}
             hp.update({name: as_tensor(fn(count), like) for name, fn in schedules.items()})
@@ -514,9 +510,9 @@ def set_hyperparams(opt_state: PyTree, **values: float | torch.Tensor) -> PyTree
     >>> optim.get_hyperparams(s)["learning_rate"]
     tensor(0.0100)
     """
-    for name, value in values.items():
-        if name == "learning_rate" and isinstance(value, (int, float)) and value < 0:
-            raise ValueError(f"set_hyperparams: learning_rate must be >= 0, got {value!r}")
+    lr = values.get("learning_rate")
+    if isinstance(lr, (int, float)):  # a tensor is not read: that would sync the host
+        check_number(lr, "learning_rate", who="set_hyperparams", low=0)
     found: set[str] = set()
     available: set[str] = set()
 
