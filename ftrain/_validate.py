@@ -10,7 +10,11 @@ import math
 from collections.abc import Collection
 from typing import Any
 
-__all__ = ["check_int", "check_number", "check_one_of"]
+__all__ = ["ArgumentTypeError", "check_int", "check_number", "check_one_of"]
+
+
+class ArgumentTypeError(TypeError, ValueError):
+    """An argument of the wrong type: both a TypeError and a ValueError, so either ``except`` catches it."""
 
 
 def _is_int(value: Any) -> bool:
@@ -26,7 +30,8 @@ def _int_kind(low: int | None) -> str:
 
 
 def check_int(value: Any, name: str, *, who: str, low: int | None = 1, none_ok: bool = False, hint: str = "") -> Any:
-    """``value`` if it is an int (not a bool) ``>= low`` (or None when ``none_ok``); else a ValueError.
+    """``value`` if it is an int (not a bool) ``>= low`` (or None when ``none_ok``); else a ValueError
+    (an :class:`ArgumentTypeError` when it is no int at all).
 
     >>> check_int(3, "keep", who="CheckpointManager")
     3
@@ -38,7 +43,8 @@ def check_int(value: Any, name: str, *, who: str, low: int | None = 1, none_ok: 
         return value
     if not _is_int(value) or (low is not None and value < low):
         kind = _int_kind(low) + (" or None" if none_ok else "")
-        raise ValueError(f"{who}: {name} must be {kind}{hint}, got {value!r}")
+        error = ValueError if _is_int(value) else ArgumentTypeError
+        raise error(f"{who}: {name} must be {kind}{hint}, got {value!r}")
     return value
 
 
@@ -65,7 +71,8 @@ def check_number(
     """
     if value is None and none_ok:
         return value
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = is_number and math.isfinite(value)
     if ok and low is not None:
         ok = value > low if open_low else value >= low
     if ok and high is not None:
@@ -81,7 +88,8 @@ def check_number(
             where = ""
         # A stated bound says "a number" already: "beta must be in [0, 1)", "lr must be >= 0".
         kind = "a positive number" if (low == 0 and open_low and high is None) else where.strip() or "a number"
-        raise ValueError(f"{who}: {name} must be {kind}{' or None' if none_ok else ''}, got {value!r}")
+        error = ValueError if is_number else ArgumentTypeError
+        raise error(f"{who}: {name} must be {kind}{' or None' if none_ok else ''}, got {value!r}")
     return value
 
 

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 import torch.utils.data
 
-from . import random
+from . import random, tree
 from ._validate import check_int
 
 __all__ = ["Loader", "default_collate", "epoch_order"]
@@ -124,11 +124,11 @@ class Loader:
                 "wrap an iterable source in a list or a torch.utils.data.Dataset"
             )
         self.dataset = dataset
-        self.batch_size = _check_int("batch_size", batch_size, low=1)
-        self.seed = _check_int("seed", seed)
-        self.num_workers = _check_int("num_workers", num_workers, low=0)
-        self.world_size = _check_int("world_size", world_size, low=1)
-        self.rank = _check_int("rank", rank, low=0)
+        self.batch_size = check_int(batch_size, "batch_size", who="Loader", low=1)
+        self.seed = check_int(seed, "seed", who="Loader", low=None)
+        self.num_workers = check_int(num_workers, "num_workers", who="Loader", low=0)
+        self.world_size = check_int(world_size, "world_size", who="Loader", low=1)
+        self.rank = check_int(rank, "rank", who="Loader", low=0)
         if rank >= world_size:
             raise ValueError(f"Loader: rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
         if batch_size % world_size:
@@ -192,8 +192,8 @@ class Loader:
                 f"got {state!r}"
             )
         epoch, batch = state["epoch"], state["batch"]
-        _check_int("epoch", epoch, low=0)
-        _check_int("batch", batch, low=0)
+        check_int(epoch, "epoch", who="Loader", low=0)
+        check_int(batch, "batch", who="Loader", low=0)
         if "seed" in state and state["seed"] != self.seed:
             raise ValueError(
                 f"Loader.load_state_dict: the position was saved by a loader with seed={state['seed']}, this loader "
@@ -263,14 +263,7 @@ class _Fixed(torch.utils.data.Sampler):
 
 
 def _pin(batch: Any) -> Any:
-    return torch.utils._pytree.tree_map(lambda x: x.pin_memory() if isinstance(x, torch.Tensor) else x, batch)
-
-
-def _check_int(name: str, value: Any, low: int | None = None) -> int:
-    # A wrong type stays the TypeError Loader has always raised (check_int would say ValueError).
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"Loader: {name} must be an int, got {type(value).__name__} {value!r}")
-    return check_int(value, name, who="Loader", low=low)
+    return tree.map(lambda x: x.pin_memory() if isinstance(x, torch.Tensor) else x, batch)
 
 
 def _default_context() -> str | None:
