@@ -295,7 +295,8 @@ def test_checkpoint_restore_into_a_different_state_names_the_leaf(tmp_path):
     manager.save(mesh_worker.make_state(seed=0))
     wider = ftrain.TrainState.create(torch.nn.Sequential(torch.nn.Linear(8, 64)), ftrain.optim.sgd(0.1))
     with pytest.raises(
-        CheckpointMismatchError, match=r"params\['0\.(bias|weight)'\]: checkpoint \(32,?( 8)?\) float32 vs template \(64"
+        CheckpointMismatchError,
+        match=r"params\['0\.(bias|weight)'\]: checkpoint \(32,?( 8)?\) float32 vs template \(64",
     ):
         manager.restore_latest(wider)
     assert ShardedCheckpointManager(tmp_path / "empty", async_save=False).restore_latest(wider) is None

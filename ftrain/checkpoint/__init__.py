@@ -14,8 +14,8 @@ from ._export import save_safetensors as save_safetensors
 from ._export import state_dict as state_dict
 from ._orbax import CheckpointManager as CheckpointManager
 from ._policy import CheckpointCorruptedError as CheckpointCorruptedError
-from ._policy import CheckpointError as CheckpointError
 from ._policy import Checkpointer as Checkpointer
+from ._policy import CheckpointError as CheckpointError
 from ._policy import CheckpointMismatchError as CheckpointMismatchError
 from ._policy import CheckpointPolicy as CheckpointPolicy
 

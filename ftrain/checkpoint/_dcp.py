@@ -30,10 +30,10 @@ import re
 import shutil
 import threading
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -42,6 +42,11 @@ from .. import tree
 from .._validate import check_number
 from ..mesh import Mesh, is_dtensor
 from ._policy import CheckpointCorruptedError, CheckpointError, CheckpointPolicy
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from ._policy import PolicyOptions
 
 __all__ = ["ShardedCheckpointManager"]
 
@@ -98,29 +103,15 @@ class ShardedCheckpointManager(CheckpointPolicy):
         directory: str | os.PathLike,
         *,
         mesh: Mesh | None = None,
-        save_every: int | None = None,
-        keep: int | None = 3,
-        best: str | None = None,
-        mode: str = "min",
-        keep_best: int = 1,
-        async_save: bool = True,
-        config: Mapping[str, Any] | None = None,
         timeout: float = 600.0,
+        **policy: Unpack[PolicyOptions],
     ):
-        super().__init__(
-            directory,
-            save_every=save_every,
-            keep=keep,
-            best=best,
-            mode=mode,
-            keep_best=keep_best,
-            async_save=async_save,
-            config=config,
-        )
+        super().__init__(directory, **policy)
         if mesh is not None and not isinstance(mesh, Mesh):
             raise TypeError(f"ShardedCheckpointManager: mesh must be an ftrain.Mesh, got {type(mesh).__name__}")
         check_number(timeout, "timeout", who="ShardedCheckpointManager", low=0, open_low=True)
         self.mesh = mesh if mesh is not None else Mesh.local()
+        self._owns_files = self.mesh.is_main  # every rank writes its shards; rank 0 commits and rotates
         self._pending: Future | None = None
         self._committed: threading.Event | None = None
         self._error: BaseException | None = None
@@ -133,10 +124,6 @@ class ShardedCheckpointManager(CheckpointPolicy):
             for leftover in self.directory.glob("*.tmp"):
                 shutil.rmtree(leftover, ignore_errors=True)  # a save killed mid-way: never committed
         self._sync()
-
-    @property
-    def _owns_files(self) -> bool:
-        return self.mesh.is_main
 
     # ---------------------------------------------------------------- the backend
     def _steps(self) -> list[int]:
@@ -234,7 +221,9 @@ class ShardedCheckpointManager(CheckpointPolicy):
         targets = {p: t.detach().clone() for p, t in zip(paths, leaves) if isinstance(t, torch.Tensor)}
         try:
             with _single_process_ok():
-                dcp.load(targets, checkpoint_id=str(path), process_group=self._group, no_dist=not self.mesh.is_distributed)
+                dcp.load(
+                    targets, checkpoint_id=str(path), process_group=self._group, no_dist=not self.mesh.is_distributed
+                )
         except Exception as e:
             first = (str(e).strip().splitlines() or [""])[0]
             raise CheckpointCorruptedError(
@@ -272,7 +261,9 @@ def _dcp_tensors(state: Any) -> dict[str, torch.Tensor]:
             from torch.distributed.tensor import DTensor
 
             local = t.to_local().clone()
-            t = DTensor.from_local(local, t.device_mesh, t.placements, run_check=False, shape=t.shape, stride=t.stride())
+            t = DTensor.from_local(
+                local, t.device_mesh, t.placements, run_check=False, shape=t.shape, stride=t.stride()
+            )
         tensors[p] = t.detach()
     return tensors
 

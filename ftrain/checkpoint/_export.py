@@ -10,6 +10,7 @@ import torch
 
 __all__ = ["load_safetensors", "save_safetensors", "state_dict"]
 
+
 def state_dict(state: Any, *, buffers: bool = True) -> dict[str, torch.Tensor]:
     """The params (and buffers) of ``state`` as a plain ``nn.Module``-style state dict.
 

@@ -25,15 +25,19 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from .. import tree
 from ._policy import CheckpointCorruptedError, CheckpointPolicy
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from ._policy import PolicyOptions
 
 __all__ = ["CheckpointManager"]
 
@@ -144,34 +148,19 @@ class CheckpointManager(CheckpointPolicy):
         self,
         directory: str | os.PathLike,
         *,
-        save_every: int | None = None,
-        keep: int | None = 3,
-        best: str | None = None,
-        mode: str = "min",
-        keep_best: int = 1,
-        async_save: bool = True,
-        config: Mapping[str, Any] | None = None,
         copy: bool = True,
         compress: bool = False,
         primary: bool | None = None,
+        **policy: Unpack[PolicyOptions],
     ):
-        super().__init__(
-            directory,
-            save_every=save_every,
-            keep=keep,
-            best=best,
-            mode=mode,
-            keep_best=keep_best,
-            async_save=async_save,
-            config=config,
-        )
+        super().__init__(directory, **policy)
         self.copy = copy
         self.compress = compress
         if primary is None:
             primary = not (torch.distributed.is_available() and torch.distributed.is_initialized()) or (
                 torch.distributed.get_rank() == 0
             )
-        self.primary = primary
+        self.primary = self._writes = self._owns_files = primary  # the others only read
         self._staging: dict[str, torch.Tensor] = {}
         self._manager = self._make_manager()
 
@@ -182,14 +171,6 @@ class CheckpointManager(CheckpointPolicy):
         Then a donating loop may overwrite the state right away without copying it first.
         """
         return self.copy or not self.async_save
-
-    @property
-    def _writes(self) -> bool:
-        return self.primary
-
-    @property
-    def _owns_files(self) -> bool:
-        return self.primary
 
     def _make_manager(self) -> Any:
         import orbax.checkpoint as ocp
@@ -328,6 +309,7 @@ class CheckpointManager(CheckpointPolicy):
                     )
                 out[path] = _from_numpy(a, leaf.dtype).to(leaf.device)
         return out
+
 
 def _type_handlers() -> Any:
     """orbax's default type handlers, with numpy arrays read through memory-mapped files.

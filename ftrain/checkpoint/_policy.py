@@ -22,7 +22,7 @@ import time
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, TypedDict, runtime_checkable
 
 import torch
 
@@ -37,12 +37,16 @@ __all__ = [
     "CheckpointMismatchError",
     "CheckpointPolicy",
     "Checkpointer",
+    "PolicyOptions",
 ]
 
 FORMAT = "ftrain-checkpoint"
 FORMAT_VERSION = 1
 """The layout of the metadata this ftrain writes; it reads every version in ``_READABLE``."""
 _READABLE = (1,)
+
+Record = Mapping[str, Any]
+"""What ``save`` takes beside the state: the data position (JSON-able) and metrics (numbers, 0-d tensors)."""
 
 BAD_LEAF = (
     "checkpoint: the leaf at {path} is a {kind}; a checkpointed state holds tensors and Python scalars "
@@ -99,12 +103,7 @@ class Checkpointer(Protocol):
         ...
 
     def save(
-        self,
-        state: Any,
-        *,
-        data: Mapping[str, Any] | None = None,
-        metrics: Mapping[str, Any] | None = None,
-        force: bool = False,
+        self, state: Any, *, data: Record | None = None, metrics: Record | None = None, force: bool = False
     ) -> bool:
         """Save ``state`` (at ``int(state.step)``) with the data position and metrics; whether it saved."""
         ...
@@ -120,6 +119,18 @@ class Checkpointer(Protocol):
     def close(self) -> None:
         """Finish saves under way and release resources."""
         ...
+
+
+class PolicyOptions(TypedDict, total=False):
+    """The policy's keyword arguments, which every manager takes (see :class:`CheckpointPolicy`)."""
+
+    save_every: int | None
+    keep: int | None
+    best: str | None
+    mode: str
+    keep_best: int
+    async_save: bool
+    config: Mapping[str, Any] | None
 
 
 class CheckpointPolicy:
@@ -142,18 +153,20 @@ class CheckpointPolicy:
 
     copies_state: bool
     _packages: ClassVar[tuple[str, ...]] = ()  # the backend's own packages, recorded in the metadata
+    _writes = True  # whether this process takes part in saves (a read-only one skips them)
+    _owns_files = True  # whether this process deletes rotated steps (exactly one process does)
 
     def __init__(
         self,
         directory: str | os.PathLike,
         *,
-        save_every: int | None,
-        keep: int | None,
-        best: str | None,
-        mode: str,
-        keep_best: int,
-        async_save: bool,
-        config: Mapping[str, Any] | None,
+        save_every: int | None = None,
+        keep: int | None = 3,
+        best: str | None = None,
+        mode: str = "min",
+        keep_best: int = 1,
+        async_save: bool = True,
+        config: Mapping[str, Any] | None = None,
     ):
         who = type(self).__name__
         check_int(save_every, "save_every", who=who, none_ok=True)
@@ -199,16 +212,6 @@ class CheckpointPolicy:
 
     def _close(self) -> None:
         """Release the backend's resources."""
-
-    @property
-    def _writes(self) -> bool:
-        """Whether this process takes part in saves (a read-only process skips them)."""
-        return True
-
-    @property
-    def _owns_files(self) -> bool:
-        """Whether this process deletes rotated steps (one process does)."""
-        return True
 
     # ------------------------------------------------------------------ queries
     def should_save(self, step: int) -> bool:
@@ -257,12 +260,7 @@ class CheckpointPolicy:
 
     # ------------------------------------------------------------------ save
     def save(
-        self,
-        state: Any,
-        *,
-        data: Mapping[str, Any] | None = None,
-        metrics: Mapping[str, Any] | None = None,
-        force: bool = False,
+        self, state: Any, *, data: Record | None = None, metrics: Record | None = None, force: bool = False
     ) -> bool:
         """Save ``state`` as step ``int(state.step)``; returns whether it saved.
 
