@@ -182,6 +182,7 @@ class CheckpointPolicy:
         self.async_save = async_save
         self.config = _json(config, "config", who) if config is not None else None
         self._checked_dir = False
+        self._metrics: dict[int, float | None] = {}  # the `best` metric of each step read so far
 
     # ------------------------------------------------------------------ the backend's part
     def _steps(self) -> list[int]:
@@ -319,6 +320,7 @@ class CheckpointPolicy:
         for step in steps:
             if step not in kept:
                 self._delete(step)
+                self._metrics.pop(step, None)
 
     def _ranked(self, steps: list[int]) -> list[int]:
         """``steps`` best first by ``best``; those without the metric last; ties: the newer first."""
@@ -329,11 +331,14 @@ class CheckpointPolicy:
         return sorted(steps, key=lambda s: (scores[s] is None, sign * (scores[s] or 0.0), -s))
 
     def _metric(self, step: int) -> float | None:
-        try:
-            value = (self.metadata(step).get("metrics") or {}).get(self.best)
-        except CheckpointError:  # an unreadable step ranks last; restoring it reports the damage
-            return None
-        return None if value is None else float(value)
+        # A committed step never changes, so its metric is read once: rotation runs on every save.
+        if step not in self._metrics:
+            try:
+                value = (self.metadata(step).get("metrics") or {}).get(self.best)
+            except CheckpointError:  # an unreadable step ranks last; restoring it reports the damage
+                return None
+            self._metrics[step] = None if value is None else float(value)
+        return self._metrics[step]
 
     def _check_directory(self, tensors: Mapping[str, dict], scalars: Mapping[str, Any], verb: str) -> None:
         """Refuse a directory whose latest step belongs to another model or run (checked once)."""
