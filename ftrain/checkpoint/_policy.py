@@ -149,6 +149,32 @@ class CheckpointPolicy:
         async_save: whether :meth:`save` may return before the write is durable.
         config: the run's configuration (a JSON-able dict), stored with every step; a directory
             whose latest step carries a different config is refused as another run's.
+
+    A backend implements the ``_``-methods below and declares ``copies_state``.
+
+    Example (a backend that keeps its steps in memory):
+        >>> import torch, ftrain
+        >>> class InMemory(CheckpointPolicy):
+        ...     copies_state = True  # _write copies the tensors before save() returns
+        ...     def __init__(self, **policy):
+        ...         super().__init__("in-memory", **policy)
+        ...         self.steps = {}
+        ...     def _steps(self): return list(self.steps)
+        ...     def _read_meta(self, step): return self.steps[step][1]
+        ...     def _write(self, step, state, meta):
+        ...         paths, leaves, _ = ftrain.tree.flatten_with_path(state)
+        ...         tensors = {p: t.clone() for p, t in zip(paths, leaves) if isinstance(t, torch.Tensor)}
+        ...         self.steps[step] = (tensors, meta)
+        ...     def _finish(self): pass  # _write is synchronous
+        ...     def _load(self, step, template, meta): return self.steps[step][0]
+        ...     def _delete(self, step): del self.steps[step]
+        >>> manager = InMemory(keep=2)
+        >>> state = ftrain.TrainState.create(torch.nn.Linear(2, 1), ftrain.optim.sgd(0.1))
+        >>> for step in (1, 2, 3):
+        ...     _ = manager.save(state.replace(step=torch.tensor(step)), metrics={"loss": 1 / step})
+        >>> restored, extras = manager.restore_latest(state)
+        >>> manager.all_steps(), extras["step"], extras["metrics"]
+        ([2, 3], 3, {'loss': 0.3333333333333333})
     """
 
     copies_state: bool
