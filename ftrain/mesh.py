@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from . import tree
+from ._validate import check_int, check_number
 
 __all__ = ["AXES", "Mesh", "ShardedCheckpointManager"]
 
@@ -128,9 +129,9 @@ class Mesh:
         >>> Mesh.from_env().size       # one process outside torchrun
         1
         """
-        for name, value in (("dp", dp), ("fsdp", fsdp)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"Mesh.from_env: {name} must be a positive int, got {value!r}")
+        check_int(dp, "dp", who="Mesh.from_env", none_ok=True)
+        check_int(fsdp, "fsdp", who="Mesh.from_env")
+        check_number(timeout, "timeout", who="Mesh.from_env", low=0, open_low=True)
         if device_type is None:
             device_type = "cuda" if torch.cuda.is_available() else "cpu"
         world = int(os.environ.get("WORLD_SIZE", dist.get_world_size() if dist.is_initialized() else 1))
@@ -303,12 +304,12 @@ class Mesh:
         plain = [
             i
             for i, (g, t) in enumerate(zip(leaves, targets))
-            if not _is_dtensor(t) and isinstance(g, torch.Tensor) and (g.is_floating_point() or g.is_complex())
+            if not is_dtensor(t) and isinstance(g, torch.Tensor) and (g.is_floating_point() or g.is_complex())
         ]
         for i, g in zip(plain, _all_reduce_mean([leaves[i] for i in plain], self._world)):
             out[i] = g
         for i, t in enumerate(targets):
-            if _is_dtensor(t):
+            if is_dtensor(t):
                 out[i] = _reduce_scatter_mean(leaves[i], t, self._world)
         return tree.unflatten(spec, out)
 
@@ -320,7 +321,7 @@ class Mesh:
         Plain leaves pass through untouched.
         """
         self._check_sharded(params, "params")
-        return tree.map(lambda t: t.full_tensor() if _is_dtensor(t) else t, params)
+        return tree.map(lambda t: t.full_tensor() if is_dtensor(t) else t, params)
 
     def _check_sharded(self, params: PyTree, name: str) -> None:
         # Eager calls only (a step's first call and its fake-tensor pre-check): an error raised
@@ -329,7 +330,7 @@ class Mesh:
             return
         paths, leaves, _ = tree.flatten_with_path(params)
         for path, t in zip(paths, leaves):
-            if _is_dtensor(t) and (self.device_mesh is None or t.device_mesh != self.device_mesh):
+            if is_dtensor(t) and (self.device_mesh is None or t.device_mesh != self.device_mesh):
                 raise ValueError(
                     f"{name}{'' if path == '<root>' else path} is a DTensor on {t.device_mesh} but the step runs on {self!r}; "
                     "place the state on this mesh with mesh.shard(state) or mesh.replicate(state)"
@@ -346,7 +347,7 @@ class Mesh:
         def place(t: Any) -> Any:
             if not isinstance(t, torch.Tensor):
                 return t
-            if _is_dtensor(t):
+            if is_dtensor(t):
                 return t.full_tensor()
             t = t.detach().clone()
             if self._world > 1:
@@ -397,7 +398,7 @@ class Mesh:
         for path, t in zip(paths, leaves):
             if not isinstance(t, torch.Tensor):
                 continue
-            if _is_dtensor(t):
+            if is_dtensor(t):
                 self._check_sharded(t, f"state leaf {path}")
             elif t.device.type != self.device.type and t.device.type != "meta":
                 raise ValueError(
@@ -437,7 +438,12 @@ def _default_device(device_type: str) -> torch.device:
     return torch.device(device_type)
 
 
-def _is_dtensor(t: Any) -> bool:
+def is_dtensor(t: Any) -> bool:
+    """Whether ``t`` is a ``DTensor`` (a tensor placed on a device mesh, e.g. by :meth:`Mesh.shard`).
+
+    >>> is_dtensor(torch.zeros(2))
+    False
+    """
     from torch.distributed.tensor import DTensor
 
     return isinstance(t, DTensor)

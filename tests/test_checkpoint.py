@@ -1,7 +1,12 @@
-"""CheckpointManager: round trips, keep/best policies, async staging, faults, refusals, export."""
+"""CheckpointManager: round trips, keep/best policies, async staging, faults, refusals, export.
+
+The policy both managers share is tested on both backends (ShardedCheckpointManager on a
+1-process mesh; its multi-process runs are in test_mesh.py).
+"""
 
 import dataclasses
 import glob
+import json
 import os
 import signal
 import subprocess
@@ -15,7 +20,7 @@ from torch import nn
 
 import ftrain
 from ftrain import optim
-from ftrain.checkpoint import CheckpointCorruptedError, CheckpointMismatchError
+from ftrain.checkpoint import CheckpointCorruptedError, CheckpointError, CheckpointMismatchError
 
 FIELDS = ["step", "params", "buffers", "opt_state", "key"]
 
@@ -53,6 +58,19 @@ def assert_same_state(a, b, fields=FIELDS):
 def manager(tmp_path, **kw) -> ftrain.CheckpointManager:
     kw.setdefault("async_save", False)
     return ftrain.CheckpointManager(tmp_path / "ckpt", **kw)
+
+
+def sharded(tmp_path, **kw) -> ftrain.ShardedCheckpointManager:
+    kw.setdefault("async_save", False)
+    return ftrain.ShardedCheckpointManager(tmp_path / "ckpt", mesh=ftrain.Mesh.local(), **kw)
+
+
+BACKENDS = {"orbax": manager, "sharded": sharded}
+META_FILE = {"orbax": "meta/metadata", "sharded": "ftrain.json"}  # each backend's copy of the metadata
+
+
+def at(state, step: int):
+    return state.replace(step=torch.tensor(step))
 
 
 def test_round_trip_is_bit_exact_into_the_templates_structure(tmp_path):
@@ -362,3 +380,78 @@ def test_under_torch_distributed_rank_0_writes_and_every_rank_restores(tmp_path)
     for rank, proc in enumerate(procs):
         out, err = proc.communicate(timeout=300)
         assert proc.returncode == 0 and out.strip() == f"ok {rank}", err[-3000:]
+
+
+# ---------------------------------------------------------------- the policy, on both backends
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_both_managers_restore_alike_and_return_the_same_extras(tmp_path, backend):
+    state = trained(make_state())
+    m = BACKENDS[backend](tmp_path, config={"lr": 1e-3})
+    assert m.save(state, data={"epoch": 1, "batch": 4}, metrics={"loss": torch.tensor(0.5)})
+    restored, extras = m.restore_latest(make_state(seed=1))
+    assert extras == {"data": {"epoch": 1, "batch": 4}, "step": 2, "metrics": {"loss": 0.5}, "config": {"lr": 1e-3}}
+    assert_same_state(restored, state)
+    assert_same_state(m.restore(2, into=make_state(seed=1)), state)
+    m.close()
+    m = BACKENDS[backend](tmp_path)
+    with pytest.raises(CheckpointMismatchError, match="another model"):
+        m.save(make_state(width=16).replace(step=torch.tensor(5)))
+    m.close()
+
+
+@pytest.mark.parametrize("mode", ["min", "max"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_step_saved_without_the_best_metric_is_saved_and_ranks_last(tmp_path, backend, mode):
+    state = make_state()
+    m = BACKENDS[backend](tmp_path, keep=1, best="score", mode=mode)
+    assert m.save(at(state, 1), metrics={"score": 0.1 if mode == "min" else 0.9})
+    assert m.save(at(state, 2))  # no metric: saved all the same, and kept while it is the latest
+    assert m.save(at(state, 3), metrics={"score": 0.5})
+    assert m.all_steps() == [1, 3] and m.best_step() == 1
+    m.close()
+
+
+def test_the_sharded_manager_never_ranks_a_step_without_the_metric_best_under_max(tmp_path):
+    state = make_state()
+    earlier = sharded(tmp_path, keep=None)
+    earlier.save(at(state, 1))  # saved before the run ranked by a metric
+    earlier.close()
+    m = sharded(tmp_path, keep=1, best="acc", mode="max")
+    m.save(at(state, 2), metrics={"acc": 0.9})
+    m.save(at(state, 3), metrics={"acc": 0.1})
+    assert m.all_steps() == [2, 3]  # the best and the latest; step 1 has no acc to be best by
+    m.close()
+
+
+def test_both_managers_declare_whether_save_copies_the_state(tmp_path):
+    m = sharded(tmp_path, async_save=True)
+    assert m.copies_state is True and isinstance(m, ftrain.checkpoint.Checkpointer)
+    m.close()
+    with manager(tmp_path / "orbax", async_save=True, copy=False) as m:
+        assert m.copies_state is False and isinstance(m, ftrain.checkpoint.Checkpointer)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_checkpoint_action_does_not_clone_a_donated_state_for_a_manager_that_copies(tmp_path, backend):
+    m = BACKENDS[backend](tmp_path, async_save=True)
+    saved, save = [], m.save
+    m.save = lambda state, **kw: saved.append(state) or save(state, **kw)
+    state = make_state()
+    ftrain.actions.Checkpoint(m).end(ftrain.actions.Run(state=state, step=0, donating=True))
+    assert saved and saved[0] is state  # handed over as is: no clone of the whole state per save
+    m.close()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_checkpoint_in_a_newer_format_version_is_refused(tmp_path, backend):
+    m = BACKENDS[backend](tmp_path)
+    m.save(make_state())
+    path = m.directory / "0" / META_FILE[backend]
+    meta = json.loads(path.read_text())
+    assert meta["format"] == "ftrain-checkpoint" and meta["format_version"] == 1
+    path.write_text(json.dumps({**meta, "format_version": 99}))
+    with pytest.raises(CheckpointError, match=r"format version 99 \(by ftrain .*\) reads format version 1\b"):
+        m.restore_latest(make_state())
+    m.close()

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import ftrain
+from ftrain.checkpoint import CheckpointMismatchError
 from ftrain.mesh import Mesh, ShardedCheckpointManager
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -277,8 +278,6 @@ def test_checkpoint_keep_best_and_latest(tmp_path):
     for step, loss in ((1, 0.5), (2, 0.1), (3, 0.9), (4, 0.3), (5, 0.8)):
         manager.save(_state_at(state, step), metrics={"val/loss": loss})
     assert manager.all_steps() == [2, 4, 5]  # the 2 best, and the newest for resuming
-    with pytest.raises(ValueError, match=r"needs metrics\['val/loss'\]"):
-        manager.save(_state_at(state, 6))
 
 
 def test_checkpoint_ignores_and_cleans_an_uncommitted_save(tmp_path):
@@ -296,7 +295,8 @@ def test_checkpoint_restore_into_a_different_state_names_the_leaf(tmp_path):
     manager.save(mesh_worker.make_state(seed=0))
     wider = ftrain.TrainState.create(torch.nn.Sequential(torch.nn.Linear(8, 64)), ftrain.optim.sgd(0.1))
     with pytest.raises(
-        ValueError, match=r"params\['0\.(bias|weight)'\] with shape \(32,?( 8)?\), but the template has \(64"
+        CheckpointMismatchError,
+        match=r"params\['0\.(bias|weight)'\]: checkpoint \(32,?( 8)?\) float32 vs template \(64",
     ):
         manager.restore_latest(wider)
     assert ShardedCheckpointManager(tmp_path / "empty", async_save=False).restore_latest(wider) is None
