@@ -39,6 +39,7 @@ from ._tuning import LRFindResult as LRFindResult
 from ._tuning import find_batch_size as find_batch_size
 from ._tuning import lr_find as lr_find
 from .checkpoint import CheckpointManager as CheckpointManager
+from .checkpoint import ShardedCheckpointManager as ShardedCheckpointManager
 from .loop import evaluate as evaluate
 from .loop import fast_dev_run as fast_dev_run
 from .loop import fit as fit
@@ -46,7 +47,6 @@ from .loop import limit_batches as limit_batches
 from .loop import overfit_batches as overfit_batches
 from .loop import predict as predict
 from .mesh import Mesh as Mesh
-from .checkpoint import ShardedCheckpointManager as ShardedCheckpointManager
 
 
 def _installed_version() -> str:

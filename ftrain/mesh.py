@@ -31,13 +31,12 @@ import torch.distributed as dist
 
 from . import tree
 from ._validate import check_int, check_number
+from .tree import PyTree
 
-__all__ = ["AXES", "Mesh", "ShardedCheckpointManager"]
+__all__ = ["AXES", "Mesh", "ShardedCheckpointManager"]  # noqa: F822 (served lazily by __getattr__)
 
 AXES: tuple[str, ...] = ("dp", "fsdp")
 """The mesh axes ftrain knows, outermost first (``tp`` will come after ``fsdp``)."""
-
-PyTree = Any
 
 
 class Mesh:
