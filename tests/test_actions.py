@@ -380,3 +380,26 @@ def test_periodic_and_run_stop_keeps_the_first_reason():
     run.stop("second")
     assert run.stop_reason == "first" and not run.rolled_back
     assert math.isfinite(run.time)
+
+
+def test_a_trigger_shared_by_two_actions_fires_for_each_of_them():
+    # fit hands its log_every trigger to both LogMetrics and the ProgressBar: each action keeps its own clock.
+    trigger = actions.every(seconds=10)
+    log = actions.LogMetrics(trigger)
+    bar = actions.ProgressBar(trigger, file=io.StringIO(), mininterval=0)
+    refreshed, logged = [], []
+    original = bar._refresh
+    bar._refresh = lambda run: (refreshed.append(run.step), original(run))
+    run = Run(state=None, step=0, num_steps=8)
+    log.start(run)
+    bar.start(run)
+    for step, t in enumerate([1.0, 5.0, 11.0, 12.0, 22.0, 30.0, 33.0], start=1):
+        run.step, run.time, run.new = step, t, {}
+        run.train_metrics.update({"loss": torch.tensor(1.0)})
+        log(run)
+        bar(run)
+        if run.new:
+            logged.append(step)
+    bar.end(run)
+    assert logged == [3, 5, 7]  # the first call starts the clock; then every 10 s
+    assert refreshed == [3, 5, 7, 7]  # the same steps, plus the final refresh at the end
