@@ -1,5 +1,6 @@
 """Periodic actions, driven by step (and time passed in) with plain Python fake steps: no compile, no sleep."""
 
+import dataclasses
 import io
 import json
 import math
@@ -33,6 +34,10 @@ DATA = [torch.zeros(2)] * 5
 
 
 class FakeManager:
+    """A Checkpointer that records what it was asked to save."""
+
+    copies_state = False
+
     def __init__(self, every=1):
         self.every, self.saved, self.waits, self.forced = every, [], 0, []
 
@@ -50,6 +55,9 @@ class FakeManager:
     def restore_latest(self, template):
         return None
 
+    def close(self):
+        pass
+
 
 # ---- triggers ----
 
@@ -60,11 +68,35 @@ def test_every_steps_epochs_seconds():
     assert [s for s in range(1, 21) if third.should_run(s, steps_per_epoch=10)] == [4, 7, 10, 14, 17, 20]
     two = Every(epochs=2)
     assert [s for s in range(1, 31) if two.should_run(s, steps_per_epoch=7)] == [14, 28]
+    # The seconds clock lives in the action using the trigger: the first call starts it.
     clock = Every(seconds=10)
-    fired = [s for s, t in enumerate([0.0, 3.0, 9.9, 10.0, 12.0, 19.9, 20.0, 45.0]) if clock.should_run(s, time=t)]
-    assert fired == [3, 6, 7]
-    both = Every(5, seconds=100)
-    assert [s for s in range(1, 11) if both.should_run(s, time=float(s))] == [5, 10]
+    assert fired_steps(clock, enumerate([0.0, 3.0, 9.9, 10.0, 12.0, 19.9, 20.0, 45.0])) == [3, 6, 7]
+    assert fired_steps(Every(5, seconds=100), [(s, float(s)) for s in range(1, 11)]) == [5, 10]
+    assert (clock.should_run(3, time=9.9, since=0.0), clock.should_run(3, time=10.0, since=0.0)) == (False, True)
+    assert not clock.should_run(3, time=1e9), "a clock that has not started does not fire"
+
+
+def fired_steps(trigger, steps_and_times):
+    """The steps at which a periodic action on ``trigger`` fires, given (step, time) pairs."""
+    fired = []
+    action = actions.Periodic(lambda run: fired.append(run.step), trigger)
+    run = Run(state=None)
+    action.start(run)
+    for step, t in steps_and_times:
+        run.step, run.time = step, t
+        action(run)
+    return fired
+
+
+def test_every_is_an_immutable_value():
+    trigger = Every(5, seconds=10)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        trigger.steps = 3
+    assert trigger == actions.every(5, seconds=10) and len({trigger, Every(5, seconds=10)}) == 1
+    assert Every.of(5, "log_every") == Every(5) and Every.of(0.5, "eval_every") == Every(epochs=0.5)
+    assert Every.of(trigger, "log_every") is trigger
+    with pytest.raises(TypeError, match=r"log_every must be an int \(steps\), a float \(epochs\).*got True"):
+        Every.of(True, "log_every")
 
 
 def test_every_rejects_bad_arguments():
