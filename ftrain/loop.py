@@ -140,20 +140,12 @@ def fit(
         8
     """
     _check_arguments(state, train_step, data, num_steps, num_epochs, eval_step, eval_data, eval_every)
-    user_actions = _as_actions(actions)
-    log_trigger = Every.of(log_every, "fit: log_every")
+    steps_per_epoch = length(data)
+    evaluation = _evaluation(eval_step, eval_data, eval_every, steps_per_epoch)
     writer = to_writer(log)
     saver = Checkpoint(checkpoint) if checkpoint is not None else None
-    steps_per_epoch = length(data)
-    acts = _build_actions(
-        user_actions,
-        log_trigger,
-        evaluation=None if eval_step is None else Evaluate(eval_step, eval_data, every=_eval_trigger(eval_every, steps_per_epoch)),
-        progress=progress,
-        saver=saver,
-        data=data,
-        steps_per_epoch=steps_per_epoch,
-    )
+    acts = _build_actions(actions, log_every, evaluation, saver, progress=progress)
+    _check_epoch_intervals(acts, data, steps_per_epoch)
     total, passes = _horizon(num_steps, num_epochs, steps_per_epoch)
 
     resumed = False
@@ -203,31 +195,28 @@ def _check_arguments(state, train_step, data, num_steps, num_epochs, eval_step, 
         raise ValueError(f"fit: the training data is empty (len(data) == 0, a {type(data).__name__})")
 
 
-def _as_actions(actions: Iterable[Callable[[Run], Any]]) -> list[Action]:
+def _evaluation(eval_step, eval_data, eval_every, steps_per_epoch: int | None) -> Evaluate | None:
+    if eval_step is None:
+        return None
+    if eval_every is None and steps_per_epoch is not None:
+        eval_every = Every(epochs=1)  # the default: once per epoch (and always at the end)
+    return Evaluate(eval_step, eval_data, every=Every.of(eval_every, "fit: eval_every"))
+
+
+def _build_actions(
+    actions: Iterable[Callable[[Run], Any]],
+    log_every: int | Every,
+    evaluation: Evaluate | None,
+    saver: Checkpoint | None,
+    *,
+    progress: bool,
+) -> list[Action]:
+    """fit's own actions and the user's, sorted by ``order`` (a stable sort: ties keep this order)."""
     actions = list(actions)
     for i, a in enumerate(actions):
         if not callable(a):
             raise TypeError(NOT_AN_ACTION.format(i=i, kind=type(a).__name__))
-    return [as_action(a) for a in actions]  # wrapped once: from here every action has every member
-
-
-def _eval_trigger(eval_every: int | float | Every | None, steps_per_epoch: int | None) -> Every | None:
-    if eval_every is None and steps_per_epoch is not None:
-        return Every(epochs=1)  # the default: once per epoch (and always at the end)
-    return Every.of(eval_every, "fit: eval_every")
-
-
-def _build_actions(
-    user_actions: list[Action],
-    log_trigger: Every,
-    *,
-    evaluation: Evaluate | None,
-    progress: bool,
-    saver: Checkpoint | None,
-    data: Iterable[Any],
-    steps_per_epoch: int | None,
-) -> list[Action]:
-    """fit's own actions and the user's, sorted by ``order`` (a stable sort: ties keep this order)."""
+    log_trigger = Every.of(log_every, "fit: log_every")
     built: list[Action] = [LogMetrics(log_trigger)]
     if evaluation is not None:
         built.append(evaluation)
@@ -235,15 +224,21 @@ def _build_actions(
         built.append(ProgressBar(log_trigger))  # the same trigger: each action keeps its own clock
     if saver is not None:
         built.append(saver)
-    acts = sorted([*built, *user_actions], key=lambda a: a.order)
-    if steps_per_epoch is None:
-        for a in acts:
-            if isinstance(a, Periodic) and a.every is not None and a.every.epochs is not None:
-                raise ValueError(EPOCHS_WITHOUT_LEN.format(every=a.every, kind=type(data).__name__))
-    return acts
+    yours = [as_action(a) for a in actions]  # wrapped once: from here every action has every member
+    return sorted([*built, *yours], key=lambda a: a.order)
 
 
-def _horizon(num_steps: int | None, num_epochs: int | None, steps_per_epoch: int | None) -> tuple[int | None, int | None]:
+def _check_epoch_intervals(acts: list[Action], data: Iterable[Any], steps_per_epoch: int | None) -> None:
+    if steps_per_epoch is not None:
+        return
+    for a in acts:
+        if isinstance(a, Periodic) and a.every is not None and a.every.epochs is not None:
+            raise ValueError(EPOCHS_WITHOUT_LEN.format(every=a.every, kind=type(data).__name__))
+
+
+def _horizon(
+    num_steps: int | None, num_epochs: int | None, steps_per_epoch: int | None
+) -> tuple[int | None, int | None]:
     """(the step to stop at, or None; the number of passes over the data, or None for "until that step")."""
     if num_steps is not None:
         return num_steps, None

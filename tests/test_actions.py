@@ -141,6 +141,52 @@ def test_actions_run_in_order_and_a_plain_function_is_an_action():
     assert calls == ["early", "plain", "late"]
 
 
+def test_an_action_that_does_not_subclass_action_keeps_the_members_it_declares():
+    calls = []
+
+    class Duck:  # duck-typed: what fit accepted before the Action base class, and still does
+        order = -200
+        publishes = ("duck",)
+        keeps_old_states = True
+        start = 10  # an attribute that shares a hook's name is not a hook
+
+        def __call__(self, run):
+            calls.append(("step", run.step))
+
+        def end(self, run):
+            calls.append(("end", run.step))
+
+    wrapped = actions.as_action(Duck())
+    assert (wrapped.order, wrapped.publishes, wrapped.keeps_old_states) == (-200, ("duck",), True)
+    plain = actions.as_action(len)
+    assert (plain.order, plain.publishes, plain.keeps_old_states) == (0, (), False)
+    stop = actions.StopOnNonFinite()
+    assert actions.as_action(stop) is stop
+
+    class Step:
+        def __call__(self, state, batch):
+            return step_with_losses([1.0] * 2)(state, batch)
+
+        def donate(self, state, batch):
+            raise AssertionError("keeps_old_states=True must switch fit to the pure step")
+
+    ftrain.fit(tiny_state(), Step(), DATA, num_steps=2, actions=[Duck()], progress=False)
+    assert calls == [("step", 1), ("step", 2), ("end", 2)]
+
+
+def test_a_failing_abort_is_reported_and_the_loops_error_propagates():
+    class Clumsy(actions.Action):
+        def abort(self, run):
+            raise RuntimeError("abort broke too")
+
+    def step(state, batch):
+        raise OSError("the step failed")
+
+    with pytest.warns(UserWarning, match=r"Clumsy.*\.abort failed while unwinding: RuntimeError\('abort broke too'\)"):
+        with pytest.raises(OSError, match="the step failed"):
+            ftrain.fit(tiny_state(), step, DATA, num_steps=2, actions=[Clumsy()], progress=False)
+
+
 # ---- early stopping ----
 
 
@@ -366,6 +412,22 @@ def test_checkpoint_sees_this_steps_evaluation():
 def test_checkpoint_rejects_a_non_manager():
     with pytest.raises(TypeError, match=r"lacks \['should_save', 'save', 'wait'\]"):
         ftrain.fit(tiny_state(), step_with_losses([1.0]), DATA, checkpoint="runs/x")
+
+
+def test_checkpoint_names_what_a_manager_lacks_of_the_checkpointer_protocol():
+    class SaveOnly:
+        def should_save(self, step):
+            return True
+
+        def save(self, state, **kw):
+            pass
+
+        def wait(self):
+            pass
+
+    with pytest.raises(TypeError, match=r"a SaveOnly lacks \['restore_latest', 'close', 'copies_state'\]"):
+        Checkpoint(SaveOnly())
+    assert isinstance(FakeManager(), ftrain.checkpoint.Checkpointer)
 
 
 # ---- progress bar, profiler, logging ----
