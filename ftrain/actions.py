@@ -189,8 +189,11 @@ class Every:
         if self.steps is not None:
             check_int(self.steps, "steps", who="Every")
         for name in ("epochs", "seconds"):
-            if getattr(self, name) is not None:
-                check_number(getattr(self, name), name, who="Every", low=0, open_low=True)
+            value = getattr(self, name)
+            if value is not None:  # a Fraction is what epochs= becomes (dataclasses.replace passes it back)
+                check_number(
+                    float(value) if isinstance(value, Fraction) else value, name, who="Every", low=0, open_low=True
+                )
         if self.epochs is not None:  # exact, so 1/3 of an epoch fires on the same steps every epoch
             object.__setattr__(self, "epochs", Fraction(self.epochs).limit_denominator(10**6))
 
