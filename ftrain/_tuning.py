@@ -14,8 +14,9 @@ from typing import Any, NamedTuple
 
 import torch
 
-from . import optim
-from .loop import _check_data, _device_of, _to_device
+from . import optim, tree
+from ._batches import check_data, to_device
+from ._validate import check_int, check_number
 
 __all__ = ["LRFindResult", "find_batch_size", "lr_find"]
 
@@ -103,19 +104,17 @@ def lr_find(
     """
     if not callable(train_step):
         raise TypeError(f"lr_find: train_step must be callable, got {type(train_step).__name__}")
-    _check_data(data, "lr_find: data")
-    if not (0 < min_lr < max_lr):
-        raise ValueError(f"lr_find: needs 0 < min_lr < max_lr, got min_lr={min_lr}, max_lr={max_lr}")
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 2:
-        raise ValueError(f"lr_find: num_steps must be an int >= 2, got {num_steps!r}")
-    if not 0 <= beta < 1:
-        raise ValueError(f"lr_find: beta must be in [0, 1), got {beta}")
+    check_data(data, "lr_find: data")
+    check_number(min_lr, "min_lr", who="lr_find", low=0, open_low=True)
+    check_number(max_lr, "max_lr", who="lr_find", low=min_lr, open_low=True)
+    check_int(num_steps, "num_steps", who="lr_find", low=2)
+    check_number(beta, "beta", who="lr_find", low=0, high=1, open_high=True)
     if "learning_rate" not in optim.get_hyperparams(state.opt_state):
         raise ValueError(
             "lr_find: the optimizer state has no injected learning_rate, so the sweep cannot set it without "
             "recompiling; build the optimizer as optim.inject_hyperparams(optim.adamw)(learning_rate=1e-3, ...)"
         )
-    device = _device_of(state)
+    device = tree.device_of(state, default=None)
     ratio = (max_lr / min_lr) ** (1 / (num_steps - 1))
     lrs, losses, raw = [], [], []
     avg, best = 0.0, math.inf
@@ -124,7 +123,7 @@ def lr_find(
     for i in range(num_steps):
         lr = min_lr * ratio**i
         current = current.replace(opt_state=optim.set_hyperparams(current.opt_state, learning_rate=lr))
-        current, metrics = train_step(current, _to_device(next(batches), device))
+        current, metrics = train_step(current, to_device(next(batches), device))
         if i == 0:
             used = float(optim.get_hyperparams(current.opt_state)["learning_rate"])
             if not math.isclose(used, lr, rel_tol=1e-3):
@@ -209,9 +208,8 @@ def find_batch_size(
     """
     if not callable(make_batch):
         raise TypeError(f"find_batch_size: make_batch must be callable (batch_size -> batch), got {make_batch!r}")
-    for name, v in (("start", start), ("max_size", max_size), ("steps", steps)):
-        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-            raise ValueError(f"find_batch_size: {name} must be a positive int, got {v!r}")
+    for name, value in (("start", start), ("max_size", max_size), ("steps", steps)):
+        check_int(value, name, who="find_batch_size")
     if start > max_size:
         raise ValueError(f"find_batch_size: start={start} is above max_size={max_size}")
 

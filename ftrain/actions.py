@@ -1,17 +1,21 @@
-"""Periodic actions: what :func:`ftrain.fit` does between steps, as small composable pieces.
+"""Actions: what :func:`ftrain.fit` does between steps, as small composable pieces.
 
 ``fit`` calls every action after every step with one argument, the :class:`Run`
 (the step number, the current state, the time, the metrics published so far).
 An action decides for itself whether it is its turn, usually with an
 :class:`Every` trigger, so the cheap case (not its turn) costs one integer test
-and never touches the device. Triggers take the step and the time as arguments:
-tests drive them without sleeping.
+and never touches the device.
 
-The protocol (:class:`Action`) is just a callable ``action(run)``, with optional
-``start(run)``, ``end(run)`` and ``abort(run)`` methods and two optional
-attributes: ``order`` (actions run sorted by it; default 0) and
-``keeps_old_states`` (True if the action holds on to earlier states, so ``fit``
-must not let the step overwrite them; see :class:`StopOnNonFinite`).
+The contract is the :class:`Action` base class: ``__call__(run)`` after each
+step, ``start``/``end``/``abort`` hooks and the ``order``, ``publishes`` and
+``keeps_old_states`` attributes, each with a default. A plain function is an
+action too (``fit`` wraps it with :func:`as_action`).
+
+The vocabulary of schedules: an :class:`Every` is an immutable trigger value
+(every N steps, epochs and/or seconds); :func:`every` builds one; a
+:class:`Periodic` action runs when its trigger fires and keeps the trigger's
+clock, so one ``Every`` can be shared by several actions. Time is passed in,
+never read: tests drive actions with :class:`Run` objects, without sleeping.
 
 Writing your own:
     >>> import ftrain
@@ -28,16 +32,19 @@ from __future__ import annotations
 
 import math
 import os
-import time as _time
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import KW_ONLY, dataclass
 from fractions import Fraction
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import torch
 
 from . import tree
-from .metrics import Accumulator
-from .writers import MultiWriter, format_scalar, is_rank_zero
+from ._evaluate import evaluate
+from ._run import Run
+from ._validate import check_int, check_number, check_one_of
+from .checkpoint import Checkpointer
+from .writers import format_scalar, is_rank_zero
 
 __all__ = [
     "Action",
@@ -51,133 +58,106 @@ __all__ = [
     "Profile",
     "Run",
     "StopOnNonFinite",
+    "as_action",
     "every",
 ]
 
 
-class Run:
-    """What an action sees of the running loop (built by :func:`ftrain.fit`; you rarely build one).
+class Action:
+    """What :func:`ftrain.fit` runs after every step: subclass it and override what you need.
+
+    Every member has a default, so ``fit`` reads them directly. ``fit`` calls
+    ``start`` on every action before the first step, the action itself after
+    each step (sorted by ``order``), then ``end`` after the last step; if the
+    loop raises, it calls ``abort`` instead of ``end`` and re-raises.
 
     Attributes:
-        step: the number of steps taken, as a Python int (``int(state.step)`` at the
-            start of ``fit``, plus one per call of the train step; no host sync).
-        state: the state after the latest step.
-        step_metrics: the latest step's metrics, as returned (0-d tensors on the device).
-        train_metrics: the on-device :class:`~ftrain.metrics.Accumulator` of the train
-            metrics since the last log.
-        time: ``time.monotonic()`` after the latest step.
-        epoch: completed passes over the data (``step // steps_per_epoch`` when the
-            data has a length).
-        num_steps: the step ``fit`` stops at (``None`` when it runs for a number of
-            passes over data without a length).
-        steps_per_epoch: ``len(data)``, or ``None``.
-        latest: the last published value of every metric (``"train/loss"``, ``"val/acc"``, ...).
-        new: the values published during the current step only.
-        writer: the fan-out of ``fit``'s writers.
-        data: the training data (for its ``state_dict()``).
-        donating: whether the step overwrites its input state (``train_step.donate``).
-        stop_reason: why the run stops, once an action has called :meth:`stop`.
-        actions: all the actions of this run, in the order they run.
+        order: actions run sorted by it, lowest first. The built-in ones:
+            StopOnNonFinite -100, Evaluate -20, LogMetrics -10, ProgressBar -5,
+            yours 0, EarlyStopping 10, Profile 50, Checkpoint 100 (it sees this
+            step's evaluation).
+        publishes: the metric groups it publishes with ``run.publish`` (``("val",)``);
+            :class:`EarlyStopping` checks that the group it monitors is among them.
+        keeps_old_states: True if it holds on to earlier states; ``fit`` then calls
+            the pure step instead of ``train_step.donate``, which would overwrite them.
 
     Example:
-        >>> import torch
-        >>> run = Run(state=None, step=10, num_steps=100)
-        >>> run.publish("val", {"loss": 0.5})
-        >>> run.latest
-        {'val/loss': 0.5}
-    """
-
-    def __init__(
-        self,
-        state: Any,
-        *,
-        step: int = 0,
-        num_steps: int | None = None,
-        steps_per_epoch: int | None = None,
-        writer: MultiWriter | None = None,
-        data: Any = None,
-        donating: bool = False,
-        actions: Iterable[Any] = (),
-    ):
-        self.state = state
-        self.step = step
-        self.start_step = step
-        self.num_steps = num_steps
-        self.steps_per_epoch = steps_per_epoch
-        self.epoch = step // steps_per_epoch if steps_per_epoch else 0
-        self.step_metrics: Mapping[str, torch.Tensor] = {}
-        self.train_metrics = Accumulator()
-        self.time = _time.monotonic()
-        self.latest: dict[str, float] = {}
-        self.new: dict[str, float] = {}
-        self.writer = writer if writer is not None else MultiWriter([])
-        self.data = data
-        self.donating = donating
-        self.actions = list(actions)
-        self.stop_reason: str | None = None
-        self.rolled_back = False
-
-    def publish(self, group: str, values: Mapping[str, float]) -> None:
-        """Record host values as ``group/name``: write them, make them ``latest`` and ``new``.
-
-        Args:
-            group: the prefix, e.g. ``"val"``.
-            values: name -> Python float.
-        """
-        named = {f"{group}/{k}": float(v) for k, v in values.items()}
-        self.writer.write_scalars(self.step, named)
-        self.latest.update(named)
-        self.new.update(named)
-
-    def stop(self, reason: str, *, state: Any = None) -> None:
-        """Ask ``fit`` to stop after this step.
-
-        Args:
-            reason: a sentence saying why (``fit`` keeps the first reason given).
-            state: roll back to this earlier state: it becomes the result of ``fit``,
-                and the remaining actions of this step are skipped (the step that
-                triggered the roll back produced nothing worth evaluating or saving).
-        """
-        if self.stop_reason is None:
-            self.stop_reason = reason
-        if state is not None:
-            self.state = state
-            self.step = int(state.step)  # a host sync, once
-            self.rolled_back = True
-
-    def groups(self) -> set[str]:
-        """The metric groups the actions of this run publish (their ``publishes`` attributes)."""
-        out: set[str] = set()
-        for a in self.actions:
-            out.update(getattr(a, "publishes", ()))
-        return out
-
-
-@runtime_checkable
-class Action(Protocol):
-    """An action: called with the :class:`Run` after every step.
-
-    Optional: ``start(run)`` before the first step, ``end(run)`` after the last,
-    ``abort(run)`` when the loop raises; ``order`` (int, default 0; lower runs
-    first); ``publishes`` (the metric groups it publishes); ``keeps_old_states``.
-
-    Example:
-        >>> class CountSteps:
-        ...     def __init__(self): self.n = 0
+        >>> class CountSteps(Action):
+        ...     def start(self, run): self.n = 0
         ...     def __call__(self, run): self.n += 1
-        >>> isinstance(CountSteps(), Action)
-        True
+        >>> counter = CountSteps()
+        >>> counter.start(Run(state=None)); counter(Run(state=None)); counter.n
+        1
     """
+
+    order: int = 0
+    publishes: tuple[str, ...] = ()
+    keeps_old_states: bool = False
 
     def __call__(self, run: Run) -> None:
-        """Act (or not) after a step."""
+        """Act (or not: most steps are not an action's turn) after a step."""
+
+    def start(self, run: Run) -> None:
+        """Before the first step (reset what a previous run left)."""
+
+    def end(self, run: Run) -> None:
+        """After the last step: flush, save, close."""
+
+    def abort(self, run: Run) -> None:
+        """When the loop raises: release what ``start`` acquired; the loop's error propagates."""
 
 
+class _Wrapped(Action):
+    # A callable that does not subclass Action: the members it declares, the defaults for the rest.
+    def __init__(self, fn: Callable[[Run], Any]):
+        self.fn = fn
+        self.order = getattr(fn, "order", Action.order)
+        self.publishes = tuple(getattr(fn, "publishes", Action.publishes))
+        self.keeps_old_states = bool(getattr(fn, "keeps_old_states", Action.keeps_old_states))
+        for hook in ("start", "end", "abort"):
+            method = getattr(fn, hook, None)
+            if callable(method):  # an attribute that happens to share the name (e.g. start=10) is not a hook
+                setattr(self, hook, method)
+
+    def __call__(self, run: Run) -> None:
+        self.fn(run)
+
+    def __repr__(self) -> str:
+        return f"as_action({getattr(self.fn, '__name__', self.fn)!r})"
+
+
+def as_action(action: Callable[[Run], Any]) -> Action:
+    """``action`` as an :class:`Action`: an Action as it is, any other callable wrapped once.
+
+    A callable that does not subclass :class:`Action` may still declare some of its
+    members (an ``order`` attribute, a ``start`` method, ...): they are read once,
+    here, and the defaults fill in the rest. ``fit`` calls this on each of its ``actions``.
+
+    Example:
+        >>> def note(run): pass
+        >>> note.order = 5
+        >>> wrapped = as_action(note)
+        >>> wrapped.order, wrapped.publishes, wrapped.keeps_old_states
+        (5, (), False)
+    """
+    if isinstance(action, Action):
+        return action
+    if not callable(action):
+        raise TypeError(f"as_action: an action is a callable action(run), got a {type(action).__name__}")
+    return _Wrapped(action)
+
+
+INTERVAL = "{what} must be an int (steps), a float (epochs) or ftrain.actions.every(...), got {value}"
+
+
+@dataclass(frozen=True, repr=False)
 class Every:
     """A trigger: fires every ``steps`` steps, every ``epochs`` epochs (fractions allowed) and/or every ``seconds``.
 
-    Steps count from 0 of the run (the state's step), so a resumed run keeps the
-    same schedule. Time is passed in, never read: tests need no sleep. Used as a
+    An ``Every`` is an immutable value: it answers "is it time?" from the step and
+    the time it is given, and the one thing that changes, when it last fired, is
+    kept by the action that uses it (:class:`Periodic`). Steps count from 0 of the
+    run (the state's step), so a resumed run keeps the same schedule. Used as a
     decorator, it turns a function ``fn(run)`` into a :class:`Periodic` action.
 
     Args:
@@ -185,38 +165,73 @@ class Every:
         epochs: fire each time ``step`` crosses a multiple of ``epochs * steps_per_epoch``
             (``0.5``: twice an epoch; needs data with a length).
         seconds: fire when at least this many seconds passed since it last fired
-            (the first call only starts the clock).
+            (the action's first call only starts the clock).
 
     Example:
-        >>> t = Every(3)
-        >>> [s for s in range(1, 10) if t.should_run(s)]
+        >>> [s for s in range(1, 10) if Every(3).should_run(s)]
         [3, 6, 9]
         >>> half = Every(epochs=0.5)
         >>> [s for s in range(1, 11) if half.should_run(s, steps_per_epoch=5)]
         [3, 5, 8, 10]
         >>> clock = Every(seconds=60)
-        >>> clock.should_run(1, time=0.0), clock.should_run(2, time=59.0), clock.should_run(3, time=61.0)
-        (False, False, True)
+        >>> clock.should_run(2, time=59.0, since=0.0), clock.should_run(3, time=61.0, since=0.0)
+        (False, True)
     """
 
-    def __init__(self, steps: int | None = None, *, epochs: float | None = None, seconds: float | None = None):
-        if steps is None and epochs is None and seconds is None:
-            raise ValueError("Every needs at least one of steps=, epochs=, seconds=")
-        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0):
-            raise ValueError(f"Every: steps must be a positive int, got {steps!r}")
-        for name, v in (("epochs", epochs), ("seconds", seconds)):
-            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0):
-                raise ValueError(f"Every: {name} must be a positive number, got {v!r}")
-        self.steps = steps
-        self.epochs = Fraction(epochs).limit_denominator(10**6) if epochs is not None else None
-        self.seconds = seconds
-        self._last_time: float | None = None
+    steps: int | None = None
+    _: KW_ONLY
+    epochs: float | Fraction | None = None
+    seconds: float | None = None
 
-    def should_run(self, step: int, time: float | None = None, steps_per_epoch: int | None = None) -> bool:
-        """Whether to act after ``step`` at ``time`` (seconds, any fixed origin)."""
-        fire = False
-        if self.steps is not None and step % self.steps == 0:
-            fire = True
+    def __post_init__(self) -> None:
+        if self.steps is None and self.epochs is None and self.seconds is None:
+            raise ValueError("Every needs at least one of steps=, epochs=, seconds=")
+        if self.steps is not None:
+            check_int(self.steps, "steps", who="Every")
+        for name in ("epochs", "seconds"):
+            value = getattr(self, name)
+            if value is not None:  # a Fraction is what epochs= becomes (dataclasses.replace passes it back)
+                check_number(
+                    float(value) if isinstance(value, Fraction) else value, name, who="Every", low=0, open_low=True
+                )
+        if self.epochs is not None:  # exact, so 1/3 of an epoch fires on the same steps every epoch
+            object.__setattr__(self, "epochs", Fraction(self.epochs).limit_denominator(10**6))
+
+    @classmethod
+    def of(cls, value: int | float | Every | None, what: str) -> Every | None:
+        """An interval as a trigger: an int is steps, a float epochs, an ``Every`` (or None) is kept.
+
+        Args:
+            value: the interval.
+            what: who asks, for the error (``"fit: log_every"``).
+
+        Example:
+            >>> Every.of(100, "fit: log_every"), Every.of(0.5, "fit: eval_every")
+            (Every(steps=100), Every(epochs=1/2))
+        """
+        if value is None or isinstance(value, Every):
+            return value
+        if isinstance(value, bool):
+            raise TypeError(INTERVAL.format(what=what, value=repr(value)))
+        if isinstance(value, int):
+            return cls(value)
+        if isinstance(value, float):
+            return cls(epochs=value)
+        raise TypeError(INTERVAL.format(what=what, value=type(value).__name__))
+
+    def should_run(
+        self, step: int, time: float | None = None, steps_per_epoch: int | None = None, *, since: float | None = None
+    ) -> bool:
+        """Whether to act after ``step`` at ``time``.
+
+        Args:
+            step: the step just taken.
+            time: seconds, any fixed origin (needed with ``seconds=``).
+            steps_per_epoch: ``len(data)`` (needed with ``epochs=``).
+            since: when the caller last fired (or started its clock), on ``time``'s origin;
+                ``None``: its clock has not started, so ``seconds=`` does not fire yet.
+        """
+        fire = self.steps is not None and step % self.steps == 0
         if self.epochs is not None:
             if not steps_per_epoch:
                 raise ValueError(
@@ -224,17 +239,11 @@ class Every:
                     "use Every(steps=...) instead, or data with a length"
                 )
             interval = self.epochs * steps_per_epoch
-            if math.floor(step / interval) > math.floor((step - 1) / interval):
-                fire = True
+            fire = fire or math.floor(step / interval) > math.floor((step - 1) / interval)
         if self.seconds is not None:
             if time is None:
                 raise ValueError("Every(seconds=...) needs the time: should_run(step, time=...)")
-            if self._last_time is None:
-                self._last_time = time
-            elif time - self._last_time >= self.seconds:
-                fire = True
-        if fire and self.seconds is not None and time is not None:
-            self._last_time = time
+            fire = fire or (since is not None and time - since >= self.seconds)
         return fire
 
     def __call__(self, fn: Callable[[Run], Any]) -> Periodic:
@@ -247,7 +256,7 @@ class Every:
 
 
 def every(steps: int | None = None, *, epochs: float | None = None, seconds: float | None = None) -> Every:
-    """Shorthand for :class:`Every`; also a decorator that makes a function an action.
+    """Build an :class:`Every`; also a decorator that makes a function a periodic action.
 
     Example:
         >>> @every(50)
@@ -260,28 +269,19 @@ def every(steps: int | None = None, *, epochs: float | None = None, seconds: flo
     return Every(steps, epochs=epochs, seconds=seconds)
 
 
-def _trigger(value: int | float | Every | None, what: str) -> Every | None:
-    """``int`` -> every N steps, ``float`` -> every N epochs, an :class:`Every` as is."""
-    if value is None or isinstance(value, Every):
-        return value
-    if isinstance(value, bool):
-        raise TypeError(f"{what} must be an int (steps), a float (epochs) or ftrain.actions.every(...), got {value!r}")
-    if isinstance(value, int):
-        return Every(value)
-    if isinstance(value, float):
-        return Every(epochs=value)
-    raise TypeError(
-        f"{what} must be an int (steps), a float (epochs) or ftrain.actions.every(...), got {type(value).__name__}"
-    )
+class Periodic(Action):
+    """An action that runs when its trigger fires; the trigger's clock (when it last fired) lives here.
 
-
-class Periodic:
-    """Call ``fn(run)`` whenever the trigger fires.
+    ``Periodic(fn, every)`` calls ``fn(run)``. :class:`LogMetrics`, :class:`Evaluate`
+    and :class:`ProgressBar` are periodic actions too: a subclass passes ``fn=None``
+    and overrides :meth:`act`. As each action keeps its own clock, one :class:`Every`
+    can be handed to several actions and fires for each of them.
 
     Args:
-        fn: the function to call with the :class:`Run`.
-        every: an :class:`Every`, or an int (steps) or float (epochs).
-        order: where it runs among the actions (default 0).
+        fn: the function to call with the :class:`Run` (None in a subclass that overrides ``act``).
+        every: an :class:`Every`, an int (steps) or a float (epochs); None: never (a subclass
+            may still act at the end).
+        order: where it runs among the actions (default: the class's ``order``, 0).
 
     Example:
         >>> seen = []
@@ -292,20 +292,40 @@ class Periodic:
         [2, 4]
     """
 
-    def __init__(self, fn: Callable[[Run], Any], every: Every | int | float, *, order: int = 0):
+    def __init__(self, fn: Callable[[Run], Any] | None, every: Every | int | float | None, *, order: int | None = None):
+        if type(self).act is Periodic.act and not callable(fn):
+            raise TypeError(f"Periodic: fn must be a function to call as fn(run), got {fn!r}")
         self.fn = fn
-        self.every = _trigger(every, "Periodic(every=...)")
-        self.order = order
+        self.every = Every.of(every, f"{type(self).__name__}(every=...)")
+        if order is not None:
+            self.order = check_int(order, "order", who=type(self).__name__, low=None)
+        self._fired_at: float | None = None  # run.time when the trigger last fired, or its clock started
+
+    def start(self, run: Run) -> None:
+        self._fired_at = None  # a new run: the clock starts at its first step
 
     def __call__(self, run: Run) -> None:
-        if self.every.should_run(run.step, run.time, run.steps_per_epoch):
-            self.fn(run)
+        if self.due(run):
+            self.act(run)
+
+    def due(self, run: Run) -> bool:
+        """Whether the trigger fires after this step; moves this action's clock."""
+        if self.every is None:
+            return False
+        fired = self.every.should_run(run.step, run.time, run.steps_per_epoch, since=self._fired_at)
+        if fired or self._fired_at is None:
+            self._fired_at = run.time
+        return fired
+
+    def act(self, run: Run) -> None:
+        """What to do when due: call ``fn(run)``."""
+        self.fn(run)
 
     def __repr__(self) -> str:
-        return f"Periodic({getattr(self.fn, '__name__', self.fn)!r}, {self.every})"
+        return f"{type(self).__name__}({getattr(self.fn, '__name__', self.fn)!r}, {self.every})"
 
 
-class LogMetrics:
+class LogMetrics(Periodic):
     """Sync the train metrics accumulated on device, publish them as ``train/*``, reset.
 
     This is the only place the train metrics reach the host: once per interval,
@@ -331,17 +351,14 @@ class LogMetrics:
     publishes = ("train",)
 
     def __init__(self, every: Every | int | float = 50):
-        self.every = _trigger(every, "LogMetrics(every=...)")
-        self._since: tuple[int, float] | None = None
+        super().__init__(None, every)
+        self._since: tuple[int, float] | None = None  # (step, time) of the last flush: the rate's interval
 
     def start(self, run: Run) -> None:
+        super().start(run)
         self._since = (run.step, run.time)
 
-    def __call__(self, run: Run) -> None:
-        if self.every.should_run(run.step, run.time, run.steps_per_epoch):
-            self._flush(run)
-
-    def _flush(self, run: Run) -> None:
+    def act(self, run: Run) -> None:
         if not run.train_metrics.count:
             return
         values = run.train_metrics.compute()  # the host sync of the train loop
@@ -353,16 +370,17 @@ class LogMetrics:
         run.publish("train", values)
 
     def end(self, run: Run) -> None:
-        self._flush(run)
+        self.act(run)
 
 
-class Evaluate:
+class Evaluate(Periodic):
     """Run :func:`ftrain.evaluate` on ``data`` when the trigger fires; publish as ``<prefix>/*``.
 
     Args:
         eval_step: ``eval_step(state, batch) -> metrics``.
         data: the evaluation batches (iterated afresh each time).
-        every: the interval: an int (steps), a float (epochs, e.g. ``0.25``) or an :class:`Every`.
+        every: the interval: an int (steps), a float (epochs, e.g. ``0.25``) or an :class:`Every`;
+            None: only at the end.
         prefix: the metric group (``"val"`` gives ``"val/loss"``).
         at_end: also evaluate the final state (unless the last step just did).
 
@@ -389,27 +407,21 @@ class Evaluate:
     ):
         if not callable(eval_step):
             raise TypeError(f"Evaluate: eval_step must be callable, got {type(eval_step).__name__}")
+        super().__init__(None, every)
         self.eval_step = eval_step
         self.data = data
-        self.every = _trigger(every, "Evaluate(every=...)")
         self.prefix = prefix
         self.publishes = (prefix,)
         self.at_end = at_end
-        self._last: int | None = None
+        self._last: int | None = None  # the step last evaluated
 
-    def __call__(self, run: Run) -> None:
-        if self.every is not None and self.every.should_run(run.step, run.time, run.steps_per_epoch):
-            self._evaluate(run)
-
-    def _evaluate(self, run: Run) -> None:
-        from .loop import evaluate
-
+    def act(self, run: Run) -> None:
         run.publish(self.prefix, evaluate(run.state, self.eval_step, self.data))
         self._last = run.step
 
     def end(self, run: Run) -> None:
         if self.at_end and self._last != run.step:
-            self._evaluate(run)
+            self.act(run)
 
 
 def _data_position(data: Any) -> dict | None:
@@ -417,14 +429,24 @@ def _data_position(data: Any) -> dict | None:
     return state_dict() if callable(state_dict) else None
 
 
-class Checkpoint:
+# What Checkpoint calls, then the rest of the Checkpointer protocol: a missing member is named in that order.
+_CALLED = ("should_save", "save", "wait")
+_DECLARED = ("restore_latest", "close", "copies_state")
+NOT_A_CHECKPOINTER = (
+    "checkpoint= expects a checkpoint manager, an ftrain.checkpoint.Checkpointer such as ftrain.CheckpointManager; "
+    "a {kind} lacks {missing} (a manager of your own declares should_save, save, restore_latest, wait, close "
+    "and copies_state)"
+)
+
+
+class Checkpoint(Action):
     """Save through a checkpoint manager on its schedule, and once more at the end.
 
-    The manager is duck-typed: ``should_save(step) -> bool``, ``save(state, *, data,
-    metrics, force)``, ``wait()`` (see :class:`ftrain.CheckpointManager`). The data
-    position (``data.state_dict()``, when the data has one) and the latest published
-    metrics (for keeping the best checkpoints) are saved with the state. It runs
-    after the other actions, so a checkpoint sees this step's evaluation.
+    The manager is an :class:`ftrain.checkpoint.Checkpointer` (such as
+    :class:`ftrain.CheckpointManager`). The data position (``data.state_dict()``,
+    when the data has one) and the latest published metrics (for keeping the best
+    checkpoints) are saved with the state. It runs after the other actions, so a
+    checkpoint sees this step's evaluation.
 
     When the step donates (overwrites its input state), the state is copied
     before an asynchronous save: the next step would otherwise write into the
@@ -438,10 +460,13 @@ class Checkpoint:
 
     Example:
         >>> class Manager:
+        ...     copies_state = False
         ...     def __init__(self): self.saved = []
         ...     def should_save(self, step): return step % 2 == 0
         ...     def save(self, state, *, data=None, metrics=None, force=False): self.saved.append(int(state.step))
+        ...     def restore_latest(self, template): return None
         ...     def wait(self): pass
+        ...     def close(self): pass
         >>> import torch
         >>> from types import SimpleNamespace
         >>> m = Manager()
@@ -454,16 +479,14 @@ class Checkpoint:
 
     order = 100
 
-    def __init__(self, manager: Any, *, save_at_end: bool = True):
-        missing = [m for m in ("should_save", "save", "wait") if not callable(getattr(manager, m, None))]
-        if missing:
-            raise TypeError(
-                f"checkpoint= expects a checkpoint manager (ftrain.CheckpointManager); "
-                f"a {type(manager).__name__} lacks {missing}"
-            )
+    def __init__(self, manager: Checkpointer, *, save_at_end: bool = True):
+        if not isinstance(manager, Checkpointer):
+            groups = [[m for m in names if not hasattr(manager, m)] for names in (_CALLED, _DECLARED)]
+            missing = " and ".join(str(g) for g in groups if g)
+            raise TypeError(NOT_A_CHECKPOINTER.format(kind=type(manager).__name__, missing=missing))
         self.manager = manager
         self.save_at_end = save_at_end
-        self._last: int | None = None
+        self._last: int | None = None  # the step last saved
 
     def __call__(self, run: Run) -> None:
         if self.manager.should_save(run.step):
@@ -471,7 +494,7 @@ class Checkpoint:
 
     def _save(self, run: Run, force: bool) -> None:
         state = run.state
-        if run.donating and not getattr(self.manager, "copies_state", False):
+        if run.donating and not self.manager.copies_state:
             state = tree.map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, state)
         self.manager.save(state, data=_data_position(run.data), metrics=dict(run.latest), force=force)
         self._last = run.step
@@ -488,7 +511,7 @@ class Checkpoint:
         self.manager.wait()
 
 
-class EarlyStopping:
+class EarlyStopping(Action):
     """Stop when a monitored metric has not improved for ``patience`` evaluations.
 
     It looks at the metric each time it is published (``run.new``); ``patience``
@@ -517,21 +540,15 @@ class EarlyStopping:
     order = 10
 
     def __init__(self, monitor: str, *, patience: int = 3, min_delta: float = 0.0, mode: str = "min"):
-        if mode not in ("min", "max"):
-            raise ValueError(f"EarlyStopping: mode must be 'min' or 'max', got {mode!r}")
         if not isinstance(monitor, str) or "/" not in monitor:
             raise ValueError(
                 f"EarlyStopping: monitor must name a published metric as 'group/name' (e.g. 'val/loss'), got {monitor!r}"
             )
-        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 0:
-            raise ValueError(f"EarlyStopping: patience must be an int >= 0, got {patience!r}")
-        if not min_delta >= 0:
-            raise ValueError(f"EarlyStopping: min_delta must be >= 0, got {min_delta!r}")
         self.monitor = monitor
         self.group = monitor.rsplit("/", 1)[0]
-        self.patience = patience
-        self.min_delta = min_delta
-        self.mode = mode
+        self.patience = check_int(patience, "patience", who="EarlyStopping", low=0)
+        self.min_delta = check_number(min_delta, "min_delta", who="EarlyStopping", low=0)
+        self.mode = check_one_of(mode, "mode", ("min", "max"), who="EarlyStopping")
         self.best: float | None = None
         self.best_step: int | None = None
         self.bad = 0
@@ -574,7 +591,7 @@ class EarlyStopping:
             )
 
 
-class StopOnNonFinite:
+class StopOnNonFinite(Action):
     """Stop at a non-finite loss and return the last good state.
 
     The "good" state is the one before the first update computed from a
@@ -608,10 +625,8 @@ class StopOnNonFinite:
     keeps_old_states = True
 
     def __init__(self, metric: str = "loss", *, every: int = 1):
-        if isinstance(every, bool) or not isinstance(every, int) or every <= 0:
-            raise ValueError(f"StopOnNonFinite: every must be a positive int, got {every!r}")
         self.metric = metric
-        self.every = every
+        self.every = check_int(every, "every", who="StopOnNonFinite")
         self._good: Any = None
         self._sum: torch.Tensor | None = None
 
@@ -650,7 +665,7 @@ class StopOnNonFinite:
         self._good = self._sum = None
 
 
-class ProgressBar:
+class ProgressBar(Periodic):
     """A tqdm progress bar (rate, ETA), moved and labelled only at its interval with host values.
 
     Between intervals it does nothing, so it never syncs the device. It shows
@@ -677,12 +692,13 @@ class ProgressBar:
     order = -5
 
     def __init__(self, every: Every | int | float = 50, **tqdm_kwargs: Any):
-        self.every = _trigger(every, "ProgressBar(every=...)")
+        super().__init__(None, every)
         self.tqdm_kwargs = tqdm_kwargs
         self.file = tqdm_kwargs.get("file")
         self._bar: Any = None
 
     def start(self, run: Run) -> None:
+        super().start(run)
         if not is_rank_zero():  # one bar per job, not one per process
             return
         from tqdm.auto import tqdm
@@ -690,8 +706,8 @@ class ProgressBar:
         kwargs = {"unit": "step", "dynamic_ncols": True, "desc": "fit", **self.tqdm_kwargs}
         self._bar = tqdm(total=run.num_steps, initial=run.step, **kwargs)
 
-    def __call__(self, run: Run) -> None:
-        if self._bar is not None and self.every.should_run(run.step, run.time, run.steps_per_epoch):
+    def act(self, run: Run) -> None:
+        if self._bar is not None:
             self._refresh(run)
 
     def _refresh(self, run: Run) -> None:
@@ -706,8 +722,7 @@ class ProgressBar:
     def end(self, run: Run) -> None:
         if self._bar is not None:
             self._refresh(run)
-            self._bar.close()
-            self._bar = None
+            self.abort(run)
 
     def abort(self, run: Run) -> None:
         if self._bar is not None:
@@ -715,7 +730,7 @@ class ProgressBar:
             self._bar = None
 
 
-class Profile:
+class Profile(Action):
     """Record ``steps`` steps with ``torch.profiler`` after step ``start``; write a Chrome trace.
 
     The trace goes to ``<directory>/trace_<first>_<last>.json`` (open it in
@@ -738,11 +753,9 @@ class Profile:
     order = 50
 
     def __init__(self, directory: str | os.PathLike, *, start: int = 10, steps: int = 5):
-        if start < 0 or steps <= 0:
-            raise ValueError(f"Profile: needs start >= 0 and steps > 0, got start={start}, steps={steps}")
         self.directory = os.fspath(directory)
-        self.start_step = start
-        self.steps = steps
+        self.start_step = check_int(start, "start", who="Profile", low=0)
+        self.steps = check_int(steps, "steps", who="Profile")
         self.traces: list[str] = []
         self._prof: Any = None
 

@@ -1,5 +1,6 @@
 """Periodic actions, driven by step (and time passed in) with plain Python fake steps: no compile, no sleep."""
 
+import dataclasses
 import io
 import json
 import math
@@ -33,6 +34,10 @@ DATA = [torch.zeros(2)] * 5
 
 
 class FakeManager:
+    """A Checkpointer that records what it was asked to save."""
+
+    copies_state = False
+
     def __init__(self, every=1):
         self.every, self.saved, self.waits, self.forced = every, [], 0, []
 
@@ -50,6 +55,9 @@ class FakeManager:
     def restore_latest(self, template):
         return None
 
+    def close(self):
+        pass
+
 
 # ---- triggers ----
 
@@ -60,11 +68,35 @@ def test_every_steps_epochs_seconds():
     assert [s for s in range(1, 21) if third.should_run(s, steps_per_epoch=10)] == [4, 7, 10, 14, 17, 20]
     two = Every(epochs=2)
     assert [s for s in range(1, 31) if two.should_run(s, steps_per_epoch=7)] == [14, 28]
+    # The seconds clock lives in the action using the trigger: the first call starts it.
     clock = Every(seconds=10)
-    fired = [s for s, t in enumerate([0.0, 3.0, 9.9, 10.0, 12.0, 19.9, 20.0, 45.0]) if clock.should_run(s, time=t)]
-    assert fired == [3, 6, 7]
-    both = Every(5, seconds=100)
-    assert [s for s in range(1, 11) if both.should_run(s, time=float(s))] == [5, 10]
+    assert fired_steps(clock, enumerate([0.0, 3.0, 9.9, 10.0, 12.0, 19.9, 20.0, 45.0])) == [3, 6, 7]
+    assert fired_steps(Every(5, seconds=100), [(s, float(s)) for s in range(1, 11)]) == [5, 10]
+    assert (clock.should_run(3, time=9.9, since=0.0), clock.should_run(3, time=10.0, since=0.0)) == (False, True)
+    assert not clock.should_run(3, time=1e9), "a clock that has not started does not fire"
+
+
+def fired_steps(trigger, steps_and_times):
+    """The steps at which a periodic action on ``trigger`` fires, given (step, time) pairs."""
+    fired = []
+    action = actions.Periodic(lambda run: fired.append(run.step), trigger)
+    run = Run(state=None)
+    action.start(run)
+    for step, t in steps_and_times:
+        run.step, run.time = step, t
+        action(run)
+    return fired
+
+
+def test_every_is_an_immutable_value():
+    trigger = Every(5, seconds=10)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        trigger.steps = 3
+    assert trigger == actions.every(5, seconds=10) and len({trigger, Every(5, seconds=10)}) == 1
+    assert Every.of(5, "log_every") == Every(5) and Every.of(0.5, "eval_every") == Every(epochs=0.5)
+    assert Every.of(trigger, "log_every") is trigger
+    with pytest.raises(TypeError, match=r"log_every must be an int \(steps\), a float \(epochs\).*got True"):
+        Every.of(True, "log_every")
 
 
 def test_every_rejects_bad_arguments():
@@ -107,6 +139,52 @@ def test_actions_run_in_order_and_a_plain_function_is_an_action():
     acts = [Named("late", 200), plain, Named("early", -50)]
     ftrain.fit(tiny_state(), step_with_losses([1.0]), DATA, num_steps=1, actions=acts, progress=False)
     assert calls == ["early", "plain", "late"]
+
+
+def test_an_action_that_does_not_subclass_action_keeps_the_members_it_declares():
+    calls = []
+
+    class Duck:  # duck-typed: what fit accepted before the Action base class, and still does
+        order = -200
+        publishes = ("duck",)
+        keeps_old_states = True
+        start = 10  # an attribute that shares a hook's name is not a hook
+
+        def __call__(self, run):
+            calls.append(("step", run.step))
+
+        def end(self, run):
+            calls.append(("end", run.step))
+
+    wrapped = actions.as_action(Duck())
+    assert (wrapped.order, wrapped.publishes, wrapped.keeps_old_states) == (-200, ("duck",), True)
+    plain = actions.as_action(len)
+    assert (plain.order, plain.publishes, plain.keeps_old_states) == (0, (), False)
+    stop = actions.StopOnNonFinite()
+    assert actions.as_action(stop) is stop
+
+    class Step:
+        def __call__(self, state, batch):
+            return step_with_losses([1.0] * 2)(state, batch)
+
+        def donate(self, state, batch):
+            raise AssertionError("keeps_old_states=True must switch fit to the pure step")
+
+    ftrain.fit(tiny_state(), Step(), DATA, num_steps=2, actions=[Duck()], progress=False)
+    assert calls == [("step", 1), ("step", 2), ("end", 2)]
+
+
+def test_a_failing_abort_is_reported_and_the_loops_error_propagates():
+    class Clumsy(actions.Action):
+        def abort(self, run):
+            raise RuntimeError("abort broke too")
+
+    def step(state, batch):
+        raise OSError("the step failed")
+
+    with pytest.warns(UserWarning, match=r"Clumsy.*\.abort failed while unwinding: RuntimeError\('abort broke too'\)"):
+        with pytest.raises(OSError, match="the step failed"):
+            ftrain.fit(tiny_state(), step, DATA, num_steps=2, actions=[Clumsy()], progress=False)
 
 
 # ---- early stopping ----
@@ -336,6 +414,22 @@ def test_checkpoint_rejects_a_non_manager():
         ftrain.fit(tiny_state(), step_with_losses([1.0]), DATA, checkpoint="runs/x")
 
 
+def test_checkpoint_names_what_a_manager_lacks_of_the_checkpointer_protocol():
+    class SaveOnly:
+        def should_save(self, step):
+            return True
+
+        def save(self, state, **kw):
+            pass
+
+        def wait(self):
+            pass
+
+    with pytest.raises(TypeError, match=r"a SaveOnly lacks \['restore_latest', 'close', 'copies_state'\]"):
+        Checkpoint(SaveOnly())
+    assert isinstance(FakeManager(), ftrain.checkpoint.Checkpointer)
+
+
 # ---- progress bar, profiler, logging ----
 
 
@@ -380,3 +474,26 @@ def test_periodic_and_run_stop_keeps_the_first_reason():
     run.stop("second")
     assert run.stop_reason == "first" and not run.rolled_back
     assert math.isfinite(run.time)
+
+
+def test_a_trigger_shared_by_two_actions_fires_for_each_of_them():
+    # fit hands its log_every trigger to both LogMetrics and the ProgressBar: each action keeps its own clock.
+    trigger = actions.every(seconds=10)
+    log = actions.LogMetrics(trigger)
+    bar = actions.ProgressBar(trigger, file=io.StringIO(), mininterval=0)
+    refreshed, logged = [], []
+    original = bar._refresh
+    bar._refresh = lambda run: (refreshed.append(run.step), original(run))
+    run = Run(state=None, step=0, num_steps=8)
+    log.start(run)
+    bar.start(run)
+    for step, t in enumerate([1.0, 5.0, 11.0, 12.0, 22.0, 30.0, 33.0], start=1):
+        run.step, run.time, run.new = step, t, {}
+        run.train_metrics.update({"loss": torch.tensor(1.0)})
+        log(run)
+        bar(run)
+        if run.new:
+            logged.append(step)
+    bar.end(run)
+    assert logged == [3, 5, 7]  # the first call starts the clock; then every 10 s
+    assert refreshed == [3, 5, 7, 7]  # the same steps, plus the final refresh at the end

@@ -172,6 +172,10 @@ def test_fit_with_the_compiled_donating_step_matches_a_manual_loop(mlp_setup):
 
 
 class FakeManager:
+    """A Checkpointer that restores ``restored`` and records what it was asked to save."""
+
+    copies_state = False
+
     def __init__(self, restored=None, every=3):
         self.restored, self.every = restored, every
         self.saved, self.waits, self.restores = [], 0, 0
@@ -188,6 +192,9 @@ class FakeManager:
 
     def wait(self):
         self.waits += 1
+
+    def close(self):
+        pass
 
 
 class PositionedData(list):

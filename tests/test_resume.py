@@ -42,10 +42,14 @@ def finish(proc: subprocess.Popen, timeout: float = 240) -> tuple[int, str, str]
     return proc.returncode, out, err
 
 
-def kill_after(proc: subprocess.Popen, directory: Path, step: int, timeout: float = 240) -> None:
-    """SIGKILL ``proc`` as soon as its log shows ``step`` (it sleeps a little per step, so it dies near there)."""
+def kill_after(proc: subprocess.Popen, directory: Path, step: int, committed: int, timeout: float = 240) -> None:
+    """SIGKILL ``proc`` once its log shows ``step`` and checkpoint ``committed`` is complete.
+
+    It sleeps a little per step, so it dies near ``step``. Waiting for the commit too keeps a loaded
+    machine, where the async save can take longer than a few steps, from killing it before the save.
+    """
     deadline = time.monotonic() + timeout
-    while not any(s >= step for s, _ in log_lines(directory)[-3:]):
+    while not (any(s >= step for s, _ in log_lines(directory)[-3:]) and committed in committed_steps(directory)):
         if proc.poll() is not None:
             raise AssertionError(f"the run ended before step {step}: {proc.communicate()[1][-2000:]}")
         if time.monotonic() > deadline:
@@ -57,6 +61,8 @@ def kill_after(proc: subprocess.Popen, directory: Path, step: int, timeout: floa
 
 
 def committed_steps(directory: Path) -> list[int]:
+    if not (directory / "ckpt").exists():
+        return []
     return sorted(int(p.name) for p in (directory / "ckpt").iterdir() if p.name.isdigit())
 
 
@@ -69,7 +75,7 @@ def test_killed_and_restarted_run_ends_bitwise_equal_to_the_uninterrupted_run(tm
 
     # B, attempt 1: killed from outside near step 8 (after the step-5 checkpoint).
     before = len(log_lines(b_dir))
-    kill_after(start(b_dir, "--step-sleep", "0.05"), b_dir, 8)
+    kill_after(start(b_dir, "--step-sleep", "0.05"), b_dir, 8, committed=5)
     attempts.append((log_lines(b_dir)[before][0], []))
 
     # Attempt 2: resumes, then dies by SIGKILL while the async save of step 20 is being written.
@@ -82,7 +88,7 @@ def test_killed_and_restarted_run_ends_bitwise_equal_to_the_uninterrupted_run(tm
 
     # Attempt 3: resumes from 15 (the half-written 20 is invisible), killed from outside near step 27.
     committed, before = committed_steps(b_dir), len(log_lines(b_dir))
-    kill_after(start(b_dir, "--step-sleep", "0.05"), b_dir, 27)
+    kill_after(start(b_dir, "--step-sleep", "0.05"), b_dir, 27, committed=25)
     attempts.append((log_lines(b_dir)[before][0], committed))
 
     # Attempt 4: resumes and runs to the end.
