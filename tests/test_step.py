@@ -329,7 +329,7 @@ def test_precision_select_and_all_finite_are_trees_and_its_knobs_are_checked():
     assert precision.select is tree.where and precision.all_finite is tree.all_finite  # one body each
     with pytest.raises(ValueError, match="Policy: growth_interval must be a positive int, got 0"):
         precision.Policy(torch.float16, growth_interval=0)
-    with pytest.raises(ValueError, match=r"Policy: backoff_factor must be a number in \(0, 1\), got 1"):
+    with pytest.raises(ValueError, match=r"Policy: backoff_factor must be in \(0, 1\), got 1"):
         precision.Policy(torch.float16, backoff_factor=1)
     with pytest.raises(ValueError, match="DynamicScale.create: init_scale must be a positive number"):
         precision.DynamicScale.create(0.0)
