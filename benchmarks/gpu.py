@@ -543,11 +543,11 @@ def main(argv: list[str] | None = None) -> int:
         child(args)
         return 0
 
+    if not args.dry_run and not torch.cuda.is_available():
+        sys.exit("benchmarks/gpu.py: no CUDA device here (torch.cuda.is_available() is False); use --dry-run on CPU")
     # ftrain's steps run with deterministic algorithms by default, and cuBLAS then needs a fixed
     # workspace; it reads this when CUDA starts, so every job gets it from the environment.
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
-    if not args.dry_run and not torch.cuda.is_available():
-        sys.exit("benchmarks/gpu.py: no CUDA device here (torch.cuda.is_available() is False); use --dry-run on CPU")
     args.device = "cpu" if args.dry_run else "cuda"
     jobs = [j for j in args.jobs.split(",") if j]
     if not jobs or not set(jobs) <= set(JOBS):
