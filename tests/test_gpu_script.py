@@ -1,8 +1,9 @@
-"""benchmarks/gpu.py: its dry run (every GPU path, on CPU, tiny model) and the pieces a GPU run leans on.
+"""benchmarks/gpu.py and the CUDA code paths, tested on CPU as far as a CPU can.
 
 The script gets one try on a GPU, so the dry run here runs the very same jobs (the plain nanoGPT
 loop, ftrain's donating step with and without accumulation, examples/ddp.py under torchrun) and
-the checks below read what a GPU run would report.
+the checks below read what a GPU run would report. The last tests pin what ftrain does on a GPU
+that a CPU can still see: which copies wait, and how a mesh binds NCCL to its GPU.
 """
 
 import importlib.util
@@ -17,6 +18,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+
+import ftrain
+from ftrain._batches import to_device
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "gpu.py"
@@ -170,3 +175,67 @@ def _alive(pid: int) -> bool:
 def test_without_a_gpu_the_script_says_to_use_the_dry_run(tmp_path):
     with pytest.raises(SystemExit, match="no CUDA device.*--dry-run"):
         gpu.main(["--out", str(tmp_path)])
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA paths a CPU can check.
+
+
+class OnGPU(torch.Tensor):
+    """A CPU tensor that reports ``cuda:0`` as its device and records the moves asked of it."""
+
+    moves: list = []
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func == torch.Tensor.device.__get__:
+            return torch.device("cuda", 0)
+        if getattr(func, "__name__", None) == "to":
+            cls.moves.append((args[1:], kwargs))
+            return args[0].as_subclass(torch.Tensor)
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **kwargs)
+
+
+def test_batches_go_to_a_gpu_without_waiting_and_come_back_to_the_host_waiting():
+    OnGPU.moves.clear()
+    to_device({"x": torch.ones(2).as_subclass(OnGPU)}, torch.device("cpu"))  # (e.g. evaluate on a CPU state)
+    assert OnGPU.moves == [((torch.device("cpu"),), {"non_blocking": False})]  # the host reads it next
+
+    moved = []
+
+    class Host(torch.Tensor):
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            if getattr(func, "__name__", None) == "to":
+                moved.append((args[1:], kwargs or {}))
+                return args[0].as_subclass(torch.Tensor)
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **(kwargs or {}))
+
+    to_device((torch.ones(2).as_subclass(Host), 3), torch.device("cuda", 0))
+    assert moved == [((torch.device("cuda", 0),), {"non_blocking": True})]  # overlaps the previous step
+
+
+def test_a_cuda_mesh_binds_nccl_to_the_ranks_own_gpu(monkeypatch):
+    calls = {}
+
+    class Started(Exception):
+        pass
+
+    def init_process_group(backend, **kwargs):
+        calls["init"] = (backend, kwargs)
+        raise Started  # (the rest needs GPUs)
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", init_process_group)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.setdefault("set_device", device))
+    with pytest.raises(Started):
+        ftrain.Mesh.from_env(device_type="cuda")
+    backend, kwargs = calls["init"]
+    assert backend == "nccl" and calls["set_device"] == torch.device("cuda", 1)
+    assert kwargs["device_id"] == torch.device("cuda", 1)
