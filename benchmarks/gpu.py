@@ -59,6 +59,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._dynamo.utils import compile_times, counters
 
 import ftrain
 from ftrain import optim
@@ -279,14 +280,12 @@ def measure(step: Callable[[tuple], torch.Tensor], batches: list, args: argparse
     for i in range(args.steps):
         loss = step(batches[i % len(batches)])
     seconds = clock.stop()
-    from torch._dynamo.utils import compile_times, counters  # (what dynamo did in this process so far)
-
     return {
         "step_s": seconds / args.steps,
         "first_step_s": first_s,
         "compile_s": max(0.0, first_s - seconds / args.steps),
         "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
-        "graphs": counters["stats"]["unique_graphs"],
+        "graphs": counters["stats"]["unique_graphs"],  # (what dynamo did in this process so far)
         "graph_breaks": sum(counters["graph_break"].values()),
         "loss_first": first_loss,
         "loss_last": float(loss),
@@ -306,14 +305,13 @@ def child(args: argparse.Namespace) -> None:
     one = [(x[: args.batch], y[: args.batch]) for x, y in batches]  # the rows of a step without accumulation
     results: dict[str, dict] = {}
 
-    def row(name: str, step: Callable, data: list, accumulate: int, **extra: object) -> None:
+    def row(name: str, step: Callable, data: list, accumulate: int) -> None:
         results[name] = {
             "name": ROWS[name].format(n=accumulate),
             "status": "ok",
             "tokens_per_step": accumulate * args.batch * c.context,
             "micro_batches": accumulate,
             **measure(step, data, args),
-            **extra,
         }
         Path(args.result).write_text(json.dumps(results))
 
