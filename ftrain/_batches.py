@@ -35,12 +35,17 @@ def check_data(data: Any, what: str) -> None:
 def to_device(batch: Any, device: torch.device) -> Any:
     """``batch`` with its tensor leaves on ``device`` (those already there are left as they are).
 
+    A copy to a GPU does not wait: from pinned host memory (``ftrain.data.Loader(pin_memory=True)``)
+    it runs while the GPU still computes the previous step. A copy to the CPU waits until it has
+    landed, since the host reads it next.
+
     >>> to_device({"x": torch.ones(2), "n": 3}, torch.device("cpu"))
     {'x': tensor([1., 1.]), 'n': 3}
     """
-    # non_blocking: a pinned host batch is copied while the device still runs the previous step.
+    # (A non-blocking copy from a GPU would hand the host memory the GPU may not have written yet.)
+    non_blocking = device.type != "cpu"
     return tree.map(
-        lambda x: x.to(device, non_blocking=True) if isinstance(x, torch.Tensor) and x.device != device else x,
+        lambda x: x.to(device, non_blocking=non_blocking) if isinstance(x, torch.Tensor) and x.device != device else x,
         batch,
     )
 

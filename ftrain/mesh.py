@@ -119,9 +119,10 @@ class Mesh:
         Initializes the default process group if needed (gloo for ``device_type="cpu"``,
         NCCL for ``"cuda"``; the default is CUDA when available), with ``timeout``
         seconds for collectives, so a lost rank fails the job instead of hanging it.
-        Outside ``torchrun`` (no ``WORLD_SIZE``) it returns :meth:`local`; under
-        ``torchrun --nproc-per-node 1`` it still initializes the (1-rank) process group, so
-        a single-GPU run goes through NCCL like a multi-GPU one.
+        On CUDA each rank computes on GPU ``LOCAL_RANK`` and NCCL's communicator is bound
+        to it when the group starts. Outside ``torchrun`` (no ``WORLD_SIZE``) it returns
+        :meth:`local`; under ``torchrun --nproc-per-node 1`` it still initializes the (1-rank)
+        process group, so a single-GPU run goes through NCCL like a multi-GPU one.
 
         Every check runs before any collective, so a bad size fails on every rank at once.
 
@@ -153,9 +154,15 @@ class Mesh:
         if not dist.is_initialized():
             if backend is None:
                 backend = "nccl" if device_type == "cuda" else "gloo"
-            if device_type == "cuda":
-                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-            dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
+            bind: dict[str, torch.device] = {}
+            if device_type == "cuda":  # one GPU per rank: this node's LOCAL_RANK-th
+                gpu = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+                torch.cuda.set_device(gpu)
+                if backend == "nccl":
+                    # Binds the communicator to that GPU now: NCCL errors show at start, not at the first
+                    # collective, and barriers use that GPU instead of guessing one.
+                    bind["device_id"] = gpu
+            dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout), **bind)
             owns = True
         from torch.distributed.device_mesh import init_device_mesh
 
