@@ -146,7 +146,9 @@ def map(fn: Callable[..., Any], tree: PyTree, *rest: PyTree, is_leaf: Callable |
     >>> map(lambda a, b: a + b, {"x": 1}, {"x": 2})
     {'x': 3}
     """
-    if rest:
+    if rest and not torch.compiler.is_compiling():
+        # (A path-naming error for people; under dynamo optree checks the structures itself, and
+        # tracing optree.tree_structure of an empty dict fails.)
         assert_same_structure(tree, *rest)
     return optree.tree_map(fn, tree, *rest, is_leaf=is_leaf, namespace=NAMESPACE)
 
