@@ -23,6 +23,7 @@ import ftrain
 from ftrain.actions import Run
 
 sys.path.insert(0, str(Path(__file__).parent))
+import dist_worker  # noqa: E402
 import interrupt_script as script  # noqa: E402
 
 # ---------------------------------------------------------------- in-process: a tiny problem
@@ -409,3 +410,68 @@ def test_sigterm_at_random_moments_exits_143_after_a_durable_checkpoint_and_resu
     for first, latest in starts:
         assert first == latest + 1, starts  # each restart resumed right after the preemption's checkpoint
     assert ftrain.tree.equal(script.result(a)["state"], script.result(b)["state"]), starts
+
+
+# ---------------------------------------------------------------- torchrun: 2 gloo ranks
+
+TORCHRUN_STEPS = "12"
+
+
+def rank_steps(out: Path, rank: int) -> list[int]:
+    path = out / f"steps_rank{rank}.log"
+    return [int(s) for s in path.read_text().split()] if path.exists() else []
+
+
+def starts(out: Path, rank: int) -> list[int]:
+    return [int(s) for s in (out / f"starts_rank{rank}.txt").read_text().split()]
+
+
+def finals(out: Path) -> list[dict]:
+    return [torch.load(out / f"final_rank{rank}.pt", weights_only=False) for rank in (0, 1)]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_torchrun(tmp_path_factory) -> list[dict]:
+    out = tmp_path_factory.mktemp("torchrun_reference")
+    code, log = dist_worker.finish(dist_worker.torchrun("train", "--out", str(out), "--steps", TORCHRUN_STEPS))
+    assert code == 0, log[-4000:]
+    return finals(out)
+
+
+@pytest.mark.slow
+def test_torchrun_restarts_a_job_that_lost_a_rank_and_it_ends_bitwise_equal(tmp_path, uninterrupted_torchrun):
+    job = dist_worker.torchrun("train", "--out", str(tmp_path), "--steps", TORCHRUN_STEPS, "--kill-at", "5",
+                               "--step-sleep", "0.05", restarts=1)  # fmt: skip
+    code, log = dist_worker.finish(job)
+    assert code == 0, log[-4000:]  # the restarted attempt finished the job
+    for rank in (0, 1):
+        first, resumed = starts(tmp_path, rank)
+        assert first == 0 and resumed in (2, 4), starts(tmp_path, rank)  # 4 unless its async commit lost the race
+    assert starts(tmp_path, 0) == starts(tmp_path, 1)
+    for got, expected in zip(finals(tmp_path), uninterrupted_torchrun):
+        assert ftrain.tree.equal(got, expected)
+
+
+@pytest.mark.slow
+def test_sigterm_to_torchrun_saves_every_rank_at_one_step_and_the_relaunch_ends_bitwise_equal(
+    tmp_path, uninterrupted_torchrun
+):
+    target = random.Random(os.urandom(8)).randint(2, 7)
+    job = dist_worker.torchrun("train", "--out", str(tmp_path), "--steps", TORCHRUN_STEPS, "--save-every", "1000",
+                               "--step-sleep", "0.1")  # fmt: skip
+    deadline = time.monotonic() + 180
+    while not (len(rank_steps(tmp_path, 0)) >= target and len(rank_steps(tmp_path, 1)) >= target):
+        assert job.poll() is None and time.monotonic() < deadline, dist_worker.finish(job)[1][-4000:]
+        time.sleep(0.01)
+    os.kill(job.pid, signal.SIGTERM)  # the scheduler preempts the job: torchrun passes it on to every rank
+    dist_worker.finish(job)
+    last = rank_steps(tmp_path, 0)[-1]
+    assert rank_steps(tmp_path, 1)[-1] == last < int(TORCHRUN_STEPS)  # the ranks agreed on where to stop
+    committed = [int(p.name) for p in (tmp_path / "ckpt").iterdir() if p.name.isdigit() and (p / "ftrain.json").is_file()]
+    assert max(committed) == last, (committed, last)  # saved there, on every rank, before exiting
+
+    code, log = dist_worker.finish(dist_worker.torchrun("train", "--out", str(tmp_path), "--steps", TORCHRUN_STEPS))
+    assert code == 0, log[-4000:]
+    assert starts(tmp_path, 0) == starts(tmp_path, 1) == [0, last]
+    for got, expected in zip(finals(tmp_path), uninterrupted_torchrun):
+        assert ftrain.tree.equal(got, expected)
