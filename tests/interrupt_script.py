@@ -160,12 +160,13 @@ def start(directory, num_steps: int, *extra: str, env: dict | None = None):
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     attempt = len(list(directory.glob("stderr.*")))
-    return subprocess.Popen(
-        [sys.executable, __file__, str(directory), str(num_steps), *extra],
-        stdout=open(directory / f"stdout.{attempt}", "w"),
-        stderr=open(directory / f"stderr.{attempt}", "w"),
-        env={**os.environ, **(env or {})},
-    )
+    with open(directory / f"stdout.{attempt}", "w") as out, open(directory / f"stderr.{attempt}", "w") as err:
+        return subprocess.Popen(
+            [sys.executable, __file__, str(directory), str(num_steps), *extra],
+            stdout=out,
+            stderr=err,
+            env={**os.environ, **(env or {})},
+        )
 
 
 def output(directory, proc) -> str:
