@@ -337,7 +337,7 @@ def _drive(
                 a.start(run)
             _loop(run, step_fn, batches, stops)
             if run.signal is not None:
-                announce(f"ftrain.fit: {run.stop_reason} at step {run.step}; saving and flushing before it stops")
+                announce(f"ftrain.fit: {run.stop_reason} at step {run.step}; ending the actions (the final checkpoint)")
             for a in run.actions:
                 a.end(run)
     except BaseException as error:

@@ -61,7 +61,9 @@ def local_dataset() -> torch.utils.data.Dataset:
 
 def make_state() -> ftrain.TrainState:
     torch.manual_seed(0)  # only the initial weights come from the global RNG
-    model = nn.Sequential(nn.Linear(FEATURES, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Dropout(0.2), nn.Linear(32, CLASSES))
+    model = nn.Sequential(
+        nn.Linear(FEATURES, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Dropout(0.2), nn.Linear(32, CLASSES)
+    )
     # A schedule that does not depend on NUM_STEPS: a run stopped at step k is a prefix of a longer one.
     tx = optim.adamw(schedules.warmup_cosine_decay(0.0, 1e-2, warmup_steps=5, decay_steps=200), weight_decay=0.01)
     return ftrain.TrainState.create(model, tx, key=ftrain.random.key(0))
