@@ -3,12 +3,15 @@
 The digits MLP of `examples/digits.py`, on every rank of a `ftrain.Mesh`: each rank reads its
 own slice of every global batch, the gradients are averaged across ranks inside the one
 compiled step, checkpoints are written by every rank in parallel (and resume at any world
-size), and only rank 0 prints. The same script runs as one plain process, on CPU with gloo
-and on GPUs with NCCL.
+size), and only rank 0 prints; the validation set is split over the ranks too. The same script
+runs as one plain process, on CPU with gloo and on GPUs with NCCL. A SIGTERM (a scheduler's
+preemption notice, passed on by torchrun) saves the step every rank reaches and exits with 143;
+the same command resumes.
 
     torchrun --nproc-per-node 2 examples/ddp.py              # 2 CPU processes (gloo), data parallel
     torchrun --nproc-per-node 2 examples/ddp.py --fsdp 2     # params + optimizer state sharded (FSDP)
     torchrun --nproc-per-node 8 examples/ddp.py              # 8 GPUs: NCCL, one GPU per rank
+    torchrun --nproc-per-node 8 --max-restarts 3 examples/ddp.py   # a lost rank restarts the job; it resumes
     python examples/ddp.py --steps 5                         # one process, five steps
     python examples/ddp.py --smoke                           # a few steps into a temp dir (CI)
 """
@@ -81,11 +84,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     )
     manager.close()
 
-    # Evaluation on full (gathered) params; every rank sees the whole validation set.
-    eval_step = ftrain.make_eval_step(loss_fn, compile=False)
-    metrics = ftrain.evaluate(
-        mesh.replicate(state), eval_step, ftrain.data.Loader(val, 256, shuffle=False, drop_last=False)
-    )
+    # Evaluation on full (gathered) params, shared by the ranks: each evaluates its own slice of the
+    # validation set (no item twice, none padded in) and the sums are reduced over the mesh.
+    eval_step = ftrain.make_eval_step(loss_fn, compile=False, mesh=mesh)
+    val_loader = ftrain.data.Loader(val, 256, shuffle=False, drop_last=False, **mesh.loader_kwargs())
+    metrics = ftrain.evaluate(mesh.replicate(state), eval_step, val_loader)
     if mesh.is_main:
         print(
             f"{mesh}: val accuracy {metrics['acc']:.2%} (loss {metrics['loss']:.4f}) after {int(state.step)} steps, "

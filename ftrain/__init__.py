@@ -18,6 +18,7 @@ from . import schedules as schedules
 from . import tree as tree
 from . import writers as writers
 from ._module import ModuleApply as ModuleApply
+from ._run import Preempted as Preempted
 from ._state import ImmutableStateError as ImmutableStateError
 from ._state import TrainState as TrainState
 from ._state import static_field as static_field

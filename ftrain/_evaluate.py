@@ -6,6 +6,7 @@ They sit below both the loop and the actions: ``fit`` evaluates through
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -13,9 +14,15 @@ import torch
 
 from . import tree
 from ._batches import add_note, batch_size, check_data, to_device
+from .mesh import Mesh
 from .metrics import Accumulator
 
 __all__ = ["evaluate", "predict"]
+
+LAST_ACROSS_RANKS = (
+    "evaluate: metric {name!r} uses the 'last' reduction, which has no meaning over several ranks' slices; "
+    "use 'mean', 'sum', 'max' or 'min' under a mesh"
+)
 
 
 def evaluate(
@@ -24,11 +31,18 @@ def evaluate(
     data: Iterable[Any],
     *,
     reductions: Mapping[str, str] | None = None,
+    mesh: Mesh | None = None,
 ) -> dict[str, float]:
     """Run ``eval_step`` over every batch of ``data``; return the metrics as floats.
 
     Metrics are averaged over batches weighted by batch size (so a smaller last
     batch counts exactly), on the device, with one host sync at the end.
+
+    Under a mesh, each rank evaluates its own ``data``: a disjoint slice of the set, such as
+    ``ftrain.data.Loader(dataset, batch_size, drop_last=False, **mesh.loader_kwargs())``, which
+    splits every batch over the ranks without padding any item in twice. The sums and weights are
+    all-reduced once at the end, so every rank returns what one process evaluating the whole set
+    returns (up to float rounding). A rank's empty share of a small last batch is skipped.
 
     Args:
         state: the state to evaluate.
@@ -36,6 +50,8 @@ def evaluate(
         data: an iterable of batches (moved to the state's device).
         reductions: per-metric reductions other than the weighted mean, e.g.
             ``{"n": "sum"}`` (see :class:`ftrain.metrics.Accumulator`).
+        mesh: the :class:`ftrain.Mesh` whose ranks share the evaluation (call it on every rank);
+            default: the eval step's ``mesh`` (``ftrain.make_eval_step(..., mesh=mesh)``).
 
     Returns:
         ``{name: value}`` as Python floats.
@@ -52,9 +68,15 @@ def evaluate(
     if not callable(eval_step):
         raise TypeError(f"evaluate: eval_step must be callable, got {type(eval_step).__name__}")
     check_data(data, "evaluate: data")
+    mesh = mesh if mesh is not None else getattr(eval_step, "mesh", None)
+    shared = mesh is not None and mesh.is_distributed
     device = tree.device_of(state, default=None)
     acc = Accumulator(reductions)
+    weights: dict[str, float] = {}  # each metric's total weight here (for a mean over the ranks)
     for i, batch in enumerate(data):
+        weight = batch_size(batch)
+        if shared and weight == 0:
+            continue  # this rank's share of a last batch smaller than the mesh
         batch = to_device(batch, device)
         try:
             metrics = eval_step(state, batch)
@@ -66,10 +88,49 @@ def evaluate(
                 f"evaluate: eval_step must return a dict of 0-d tensors, got {type(metrics).__name__}; "
                 "for outputs use ftrain.predict"
             )
-        acc.update(metrics, weight=batch_size(batch))
-    if not acc.count:
+        acc.update(metrics, weight=weight)
+        for name in metrics:
+            weights[name] = weights.get(name, 0.0) + weight
+    result = _over_ranks(mesh, acc, weights) if shared else acc.compute()
+    if not result:
         raise ValueError(f"evaluate: the data produced no batches ({type(data).__name__})")
-    return acc.compute()
+    return result
+
+
+def _over_ranks(mesh: Mesh, acc: Accumulator, weights: Mapping[str, float]) -> dict[str, float]:
+    """The metrics over every rank's slice, from each rank's reductions of its own (a few collectives)."""
+    local = acc.compute()  # this rank's one host sync
+    everyone: list[Any] = [None] * mesh.size
+    torch.distributed.all_gather_object(everyone, sorted(local))  # a rank may lack a metric, or every batch
+    names = sorted(set().union(*everyone))
+    by: dict[str, list[str]] = {kind: [] for kind in ("mean", "sum", "max", "min", "last")}
+    for name in names:
+        by[acc.reductions.get(name, acc.default)].append(name)
+    if by["last"]:
+        raise ValueError(LAST_ACROSS_RANKS.format(name=by["last"][0]))
+    op = torch.distributed.ReduceOp
+    # A mean over the ranks is the sum of their weighted sums over the sum of their weights.
+    means, n = by["mean"], len(by["mean"])
+    summed = _all_reduce(
+        mesh,
+        [local.get(m, 0.0) * weights.get(m, 0.0) for m in means]
+        + [weights.get(m, 0.0) for m in means]
+        + [local.get(m, 0.0) for m in by["sum"]],
+        op.SUM,
+    )
+    out = {m: total / weight for m, total, weight in zip(means, summed[:n], summed[n : 2 * n])}
+    out.update(zip(by["sum"], summed[2 * n :]))
+    out.update(zip(by["max"], _all_reduce(mesh, [local.get(m, -math.inf) for m in by["max"]], op.MAX)))
+    out.update(zip(by["min"], _all_reduce(mesh, [local.get(m, math.inf) for m in by["min"]], op.MIN)))
+    return {name: out[name] for name in names}
+
+
+def _all_reduce(mesh: Mesh, values: list[float], op: Any) -> list[float]:
+    if not values:
+        return []
+    reduced = torch.tensor(values, dtype=torch.float64, device=mesh.device)
+    torch.distributed.all_reduce(reduced, op=op)
+    return reduced.cpu().tolist()
 
 
 def predict(state: Any, predict_step: Callable[[Any, Any], Any], data: Iterable[Any], *, concat: bool = True) -> Any:

@@ -15,9 +15,10 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from . import random
 from ._dropout import KeyedRandomness
 
-__all__ = ["ModuleApply", "extract", "to_meta", "to_module"]
+__all__ = ["BoundApply", "ModuleApply", "extract", "to_meta", "to_module"]
 
 
 def extract(module: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -112,6 +113,49 @@ class ModuleApply:
 
     def __repr__(self) -> str:
         return f"ModuleApply({type(self.module).__name__})"
+
+
+class BoundApply:
+    """A :class:`ModuleApply` bound to a step's key: what a step hands its ``loss_fn`` as ``apply``.
+
+    A call without ``key=`` gets the step's key (the n-th such call ``fold_in(key, n)``), so a
+    forgotten ``key=key`` still draws keyed masks, the same as passing it, never torch's global
+    RNG (which would differ between compiled and eager, and after a resume). With
+    ``record_updates`` it notes which buffers a forward wrote (their version counter moved from
+    the fresh clone's 0), so the step can check that the ``loss_fn`` returned them.
+
+    Example:
+        >>> import torch, ftrain
+        >>> dropout = ModuleApply(torch.nn.Dropout(0.5))
+        >>> forgot, _ = BoundApply(dropout, ftrain.random.key(0))({}, {}, torch.ones(8))
+        >>> keyed, _ = dropout({}, {}, torch.ones(8), key=ftrain.random.key(0))
+        >>> bool(torch.equal(forgot, keyed))
+        True
+    """
+
+    def __init__(self, apply: ModuleApply, key: torch.Tensor, *, record_updates: bool = False):
+        self.apply = apply
+        self.key = key
+        self.record_updates = record_updates
+        self.updated: set[str] = set()
+        self._unkeyed = 0
+
+    @property
+    def module(self) -> nn.Module:
+        """The wrapped module skeleton."""
+        return self.apply.module
+
+    def __call__(
+        self, params: dict, buffers: dict, *args: Any, key: torch.Tensor | None = None, **kwargs: Any
+    ) -> tuple[Any, dict]:
+        """``apply(params, buffers, *args, key=key)``, with the step's key when ``key`` is not given."""
+        if key is None:
+            key = self.key if self._unkeyed == 0 else random.fold_in(self.key, self._unkeyed)
+            self._unkeyed += 1
+        out, new_buffers = self.apply(params, buffers, *args, key=key, **kwargs)
+        if self.record_updates:
+            self.updated.update(name for name, b in new_buffers.items() if b._version > 0)
+        return out, new_buffers
 
 
 def to_module(apply: ModuleApply, params: dict, buffers: dict) -> nn.Module:

@@ -44,6 +44,7 @@ from ._evaluate import evaluate
 from ._run import Run
 from ._validate import check_int, check_number, check_one_of
 from .checkpoint import Checkpointer
+from .mesh import Mesh
 from .writers import format_scalar, is_rank_zero
 
 __all__ = [
@@ -382,7 +383,11 @@ class Evaluate(Periodic):
         every: the interval: an int (steps), a float (epochs, e.g. ``0.25``) or an :class:`Every`;
             None: only at the end.
         prefix: the metric group (``"val"`` gives ``"val/loss"``).
-        at_end: also evaluate the final state (unless the last step just did).
+        at_end: also evaluate the final state (unless the last step just did, or a signal
+            stopped the run: Ctrl-C and a preemption want out, not a full evaluation).
+        reductions: per-metric reductions other than the weighted mean (see :func:`ftrain.evaluate`).
+        mesh: evaluate on every rank of this :class:`ftrain.Mesh`, each its own slice of ``data``
+            (see :func:`ftrain.evaluate`); every rank publishes the result over the whole set.
 
     Example:
         >>> import torch, ftrain
@@ -404,6 +409,8 @@ class Evaluate(Periodic):
         every: Every | int | float | None = None,
         prefix: str = "val",
         at_end: bool = True,
+        reductions: Mapping[str, str] | None = None,
+        mesh: Mesh | None = None,
     ):
         if not callable(eval_step):
             raise TypeError(f"Evaluate: eval_step must be callable, got {type(eval_step).__name__}")
@@ -413,14 +420,17 @@ class Evaluate(Periodic):
         self.prefix = prefix
         self.publishes = (prefix,)
         self.at_end = at_end
+        self.reductions = reductions
+        self.mesh = mesh
         self._last: int | None = None  # the step last evaluated
 
     def act(self, run: Run) -> None:
-        run.publish(self.prefix, evaluate(run.state, self.eval_step, self.data))
+        metrics = evaluate(run.state, self.eval_step, self.data, reductions=self.reductions, mesh=self.mesh)
+        run.publish(self.prefix, metrics)
         self._last = run.step
 
     def end(self, run: Run) -> None:
-        if self.at_end and self._last != run.step:
+        if self.at_end and self._last != run.step and run.signal is None:
             self.act(run)
 
 

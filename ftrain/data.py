@@ -26,8 +26,17 @@ Example:
 
 from __future__ import annotations
 
+import functools
+import io
+import os
+import pickle
+import select
 import sys
+import threading
+import time
+from collections import ChainMap
 from collections.abc import Callable, Iterator, Sequence
+from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 import torch
@@ -94,7 +103,15 @@ class Loader:
             ``"spawn"``). Default: the platform's, except once jax is imported
             (a :class:`ftrain.CheckpointManager` imports it): forking a process
             that runs jax's threads can deadlock, so workers then start with
-            ``"forkserver"`` (the dataset must be picklable).
+            ``"forkserver"``. Workers that are not forked receive the dataset and
+            ``collate_fn`` by pickling: with ``cloudpickle`` installed, ftrain sends
+            them by value (tensors still by shared memory), so a Dataset class
+            defined inside a function works too.
+
+    Workers exit as soon as this process is gone, however it died (SIGKILL
+    included): each watches its pid. (A forkserver's workers are its children,
+    not this process's, so PyTorch's own watchdog, which watches the parent,
+    would keep them and the forkserver alive.)
 
     Example:
         >>> import torch
@@ -221,14 +238,20 @@ class Loader:
         else:
             # Seeded per (seed, epoch, start) so worker RNG does not come from the global generator.
             seed = int(random.bits(random.fold_in(random.fold_in(random.key(self.seed), epoch), start), ())) % 2**63
+            context = self.multiprocessing_context or _default_context()
+            dataset, collate_fn = self.dataset, self.collate_fn
+            if context not in (None, "fork"):  # the workers get these by pickling, not by inheriting them
+                dataset = _by_value(dataset, "dataset", context)
+                collate_fn = _by_value(collate_fn, "collate_fn", context)
             source = torch.utils.data.DataLoader(
-                self.dataset,
+                dataset,
                 batch_sampler=_Fixed(batches),
                 num_workers=self.num_workers,
-                collate_fn=self.collate_fn,
+                collate_fn=collate_fn,
                 pin_memory=self.pin_memory,
                 generator=torch.Generator().manual_seed(seed),
-                multiprocessing_context=self.multiprocessing_context or _default_context(),
+                multiprocessing_context=context,
+                worker_init_fn=functools.partial(_watch_trainer, os.getpid()),
             )
         for i, batch in enumerate(source, start=start):
             # The position moves before the yield: a checkpoint taken while the consumer holds
@@ -260,6 +283,86 @@ class _Fixed(torch.utils.data.Sampler):
 
     def __len__(self) -> int:
         return len(self.batches)
+
+
+def _watch_trainer(pid: int, worker_id: int) -> None:
+    """In a worker: exit the moment process ``pid`` (the one iterating the Loader) is gone.
+
+    A forkserver's workers are its children, and each holds the forkserver open (it lives while
+    any of its clients does): killed, the trainer would leave all of them running. Once the
+    workers exit, the forkserver and multiprocessing's resource tracker exit too.
+    """
+    threading.Thread(target=_exit_when_gone, args=(pid,), name="ftrain-watch-trainer", daemon=True).start()
+
+
+def _exit_when_gone(pid: int) -> None:
+    try:
+        pidfd = os.pidfd_open(pid)  # readable once the process has exited (Linux 5.3+): no polling
+    except (AttributeError, OSError):
+        while _alive(pid):
+            time.sleep(1.0)
+    else:
+        select.select([pidfd], [], [])
+    os._exit(1)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, under another user (the pid was reused)
+        return True
+    return True
+
+
+class _ByValue:
+    """``obj``, pickled by cloudpickle (a class or function defined anywhere travels by value) with
+    multiprocessing's reducers kept, so tensors still go by shared memory.
+
+    Unpickled in a worker, it *is* ``obj``; here it forwards what ``DataLoader`` calls.
+    """
+
+    def __init__(self, obj: Any):
+        self.obj = obj
+
+    def __reduce__(self) -> tuple:
+        import cloudpickle
+
+        buffer = io.BytesIO()
+        pickler = cloudpickle.Pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL)
+        pickler.dispatch_table = ChainMap(ForkingPickler(io.BytesIO()).dispatch_table, pickler.dispatch_table)
+        pickler.dump(self.obj)
+        return cloudpickle.loads, (buffer.getvalue(),)
+
+    def __len__(self) -> int:
+        return len(self.obj)
+
+    def __getitem__(self, index: Any) -> Any:
+        return self.obj[index]
+
+    def __call__(self, items: list[Any]) -> Any:
+        return self.obj(items)
+
+
+LOCAL_OBJECT = (
+    "Loader: the {what} ({name}) is defined inside a function, and workers started with {context!r} (the default "
+    "once jax is loaded, e.g. by a CheckpointManager) receive it by pickling, which needs a module-level "
+    "definition. Move it to module level, or `pip install cloudpickle` (ftrain then sends it by value), or pass "
+    "multiprocessing_context='fork'"
+)
+
+
+def _by_value(obj: Any, what: str, context: str) -> Any:
+    try:
+        import cloudpickle  # noqa: F401
+    except ImportError:
+        # Said here, before a worker starts, instead of "Can't pickle local object" from deep in DataLoader.
+        name = getattr(obj, "__qualname__", None) or type(obj).__qualname__
+        if "<locals>" in name or "<lambda>" in name:
+            raise TypeError(LOCAL_OBJECT.format(what=what, name=name, context=context)) from None
+        return obj
+    return _ByValue(obj)
 
 
 def _pin(batch: Any) -> Any:

@@ -16,8 +16,10 @@ flags on ``fit``: :func:`limit_batches` (limit train/eval batches),
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import itertools
+import signal
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -28,9 +30,10 @@ import torch
 from . import tree
 from ._batches import add_note, check_data, length, to_device
 from ._evaluate import evaluate, predict
+from ._run import INTERRUPTED, Preempted, StopSignals, announce
 from ._validate import check_int
 from .actions import Action, Checkpoint, Evaluate, Every, LogMetrics, Periodic, ProgressBar, Run, as_action
-from .checkpoint import Checkpointer
+from .checkpoint import PREEMPTION_SIGNALS, Checkpointer
 from .writers import Writer, to_writer
 
 __all__ = ["evaluate", "fast_dev_run", "fit", "limit_batches", "overfit_batches", "predict"]
@@ -96,8 +99,18 @@ def fit(
     position, when ``data`` has ``load_state_dict``), so running the same
     command again continues where it stopped. It saves when
     ``manager.should_save(step)``, once more at the end, and waits for async
-    saves before returning. If the loop raises (e.g. the data fails), saves
-    already under way are completed and nothing new is written.
+    saves before returning.
+
+    **Stopping early.** Ctrl-C finishes the step under way, runs the actions'
+    ``end`` (the final checkpoint, the writers flushed) and returns the state;
+    ``run.stop_reason`` is ``"interrupted"`` (a second Ctrl-C stops at once).
+    With a checkpoint manager, SIGTERM and SIGUSR1 (the manager's
+    ``preemption_signals``) save at the next step boundary and then raise
+    :class:`ftrain.Preempted`, a ``SystemExit`` with code ``128 + signal``.
+    Any other error completes the saves already under way (nothing new is
+    written), flushes the writers, and carries the state after the last
+    completed step as ``error.state``. The previous signal handlers are back
+    when ``fit`` returns or raises.
 
     Args:
         state: the :class:`ftrain.TrainState` to start from.
@@ -166,7 +179,10 @@ def fit(
         donating=step_fn is not train_step,
         actions=acts,
     )
-    _drive(run, step_fn, _passes(data, run, passes, resumed), hparams)
+    preemption = getattr(checkpoint, "preemption_signals", PREEMPTION_SIGNALS) if checkpoint is not None else ()
+    _drive(run, step_fn, _passes(data, run, passes, resumed), hparams, StopSignals(preemption))
+    if run.signal is not None and run.signal != signal.SIGINT:
+        raise Preempted(run.signal, run.state, run.step)
     return run.state
 
 
@@ -272,13 +288,25 @@ def _step_function(train_step: Callable, acts: list[Action]) -> Callable:
     return train_step
 
 
+def _epoch_samplers(data: Any) -> list[Any]:
+    """The samplers of a DataLoader that take ``set_epoch`` (a ``DistributedSampler``)."""
+    found = []
+    for sampler in (getattr(data, "sampler", None), getattr(getattr(data, "batch_sampler", None), "sampler", None)):
+        if callable(getattr(sampler, "set_epoch", None)) and all(sampler is not f for f in found):
+            found.append(sampler)
+    return found
+
+
 def _passes(data: Any, run: Run, passes: int | None, resumed: bool) -> Iterator[Any]:
     """The batches of up to ``passes`` passes over ``data`` (forever if None); counts epochs on ``run``."""
     seen_any = False
     empty_before = not resumed  # a resumed loader may sit at the end of an epoch: one empty pass is fine then
     done = 0
+    samplers = _epoch_samplers(data)
     while passes is None or done < passes:
         n = 0
+        for sampler in samplers:  # a DistributedSampler reshuffles only when told the epoch
+            sampler.set_epoch(run.epoch)
         for batch in data:
             n += 1
             yield batch
@@ -297,29 +325,36 @@ def _passes(data: Any, run: Run, passes: int | None, resumed: bool) -> Iterator[
         return
 
 
-def _drive(run: Run, step_fn: Callable, batches: Iterator[Any], hparams: Mapping[str, Any] | None) -> None:
-    """Start the actions, loop, end them; on an error, abort them and re-raise."""
+def _drive(
+    run: Run, step_fn: Callable, batches: Iterator[Any], hparams: Mapping[str, Any] | None, stops: StopSignals
+) -> None:
+    """Start the actions, loop, end them; on an error, abort them and re-raise it carrying the state."""
     try:
-        if hparams:
-            run.writer.write_hparams(hparams)
-        for a in run.actions:
-            a.start(run)
-        _loop(run, step_fn, batches)
-        for a in run.actions:
-            a.end(run)
-    except BaseException:
+        with stops:
+            if hparams:
+                run.writer.write_hparams(hparams)
+            for a in run.actions:
+                a.start(run)
+            _loop(run, step_fn, batches, stops)
+            if run.signal is not None:
+                announce(f"ftrain.fit: {run.stop_reason} at step {run.step}; ending the actions (the final checkpoint)")
+            for a in run.actions:
+                a.end(run)
+    except BaseException as error:
         for a in run.actions:
             try:
                 a.abort(run)
             except Exception as e:  # the original error matters more; keep it
                 warnings.warn(f"fit: {a!r}.abort failed while unwinding: {e!r}", stacklevel=3)
+        with contextlib.suppress(AttributeError):  # (an exception type with __slots__ cannot carry it)
+            error.state = run.state  # the state after the last completed step: the work is not lost
         raise
     finally:
         batches.close()  # release DataLoader workers
         run.writer.flush()
 
 
-def _loop(run: Run, step_fn: Callable, batches: Iterator[Any]) -> None:
+def _loop(run: Run, step_fn: Callable, batches: Iterator[Any], stops: StopSignals) -> None:
     """The hot loop: no host sync here; actions decide when to look at values."""
     acts, total = run.actions, run.num_steps
     monotonic = time.monotonic
@@ -333,6 +368,11 @@ def _loop(run: Run, step_fn: Callable, batches: Iterator[Any]) -> None:
         try:
             batch = next(batches)
         except StopIteration:
+            break
+        except KeyboardInterrupt:  # raised between steps, not by a second Ctrl-C: the state is whole
+            if stops.forced:
+                raise
+            run.stop_reason, run.signal = INTERRUPTED, signal.SIGINT
             break
         except Exception as e:
             add_note(
@@ -362,11 +402,21 @@ def _loop(run: Run, step_fn: Callable, batches: Iterator[Any]) -> None:
         metrics_update(metrics)
         if run.new:
             run.new = {}
-        for a in acts:
-            a(run)
-            if run.rolled_back:
-                break
+        try:
+            for a in acts:
+                a(run)
+                if run.rolled_back:
+                    break
+        except KeyboardInterrupt:
+            if stops.forced:
+                raise
+            run.stop_reason, run.signal = INTERRUPTED, signal.SIGINT
+            break
         if run.stop_reason is not None:
+            break
+        stop = stops.stop_reason()  # a signal since the last boundary (on every rank: the same answer)
+        if stop is not None:
+            run.stop_reason, run.signal = stop
             break
 
 

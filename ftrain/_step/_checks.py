@@ -44,6 +44,13 @@ STATIC_CHANGED = (
     "the state returned has different static fields (apply_fn/tx) than the one passed in; a step may only change leaves"
 )
 
+LOST_BUFFERS = (
+    "loss_fn returned the loss without the new buffers, but apply(...) updated the buffers of {owners}: {names}; "
+    "the state would silently keep the old ones (e.g. BatchNorm's running statistics). Return what apply gives "
+    "back: `out, new_buffers = apply(params, buffers, x, key=key)` ... `return loss, metrics, new_buffers` "
+    "(to keep the old buffers on purpose, return a copy: dict(buffers))"
+)
+
 # Set only while a step is checked (see the module docstring): the checks are then plain Python
 # on shapes and flags, and are never traced into a compiled graph.
 _CHECKING = False
@@ -113,6 +120,19 @@ def check_loss(loss: Any, metrics: dict, buffers: dict, new_buffers: Any) -> Non
             f"loss_fn returned buffers with names {sorted(new_buffers)} but the state has {sorted(buffers)}; "
             "return the new_buffers that apply(...) gave you"
         )
+
+
+def check_buffers_returned(apply: Any, buffers: dict, new_buffers: Any) -> None:
+    """A :class:`StepError` if the forwards wrote buffers (``apply.updated``) that the loss_fn did not return."""
+    updated = getattr(apply, "updated", ())
+    if new_buffers is not buffers or not updated:
+        return
+    # A forward writes some of a module's buffers where it can be seen (BatchNorm: num_batches_tracked):
+    # name all the buffers of the modules that wrote any.
+    owners = sorted({name.rpartition(".")[0] for name in updated})
+    names = sorted(name for name in buffers if name.rpartition(".")[0] in owners)
+    described = ", ".join(f"{o or '<root>'} ({type(apply.module.get_submodule(o)).__name__})" for o in owners[:3])
+    raise StepError(LOST_BUFFERS.format(owners=described, names=names[:9]))
 
 
 def check_metrics(metrics: Any, scalar: bool = True) -> None:

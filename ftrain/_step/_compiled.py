@@ -264,6 +264,7 @@ class EvalStep(_Step):
 
     kind = "eval_step"
     _train_mode = False
+    mesh: Any = None  # the ftrain.Mesh that ftrain.evaluate reduces this step's metrics over (make_eval_step's)
 
     def __call__(self, state: TrainState, batch: Any) -> dict:
         """Metrics on one batch (0-d tensors, including ``"loss"``)."""

@@ -9,9 +9,10 @@ from typing import Any
 import torch
 
 from .. import random, tree
+from .._module import BoundApply, ModuleApply
 from .._state import TrainState
 from ..precision import Policy
-from ._checks import StepError, check_loss, check_scalar, checking, describe
+from ._checks import StepError, check_buffers_returned, check_loss, check_scalar, checking, describe
 
 LossFn = Callable[..., Any]
 
@@ -38,6 +39,15 @@ def step_key(state: TrainState) -> torch.Tensor:
         True
     """
     return random.fold_in(state.key, state.step)
+
+
+def bind_key(apply: Callable[..., Any], key: torch.Tensor) -> Callable[..., Any]:
+    """``apply`` as a ``loss_fn`` gets it: a module's apply bound to ``key`` (see :class:`ftrain.ModuleApply`).
+
+    So dropout is keyed by the step even when the ``loss_fn`` forgets ``key=key``. Any other
+    ``apply_fn`` (your own function) is passed as it is.
+    """
+    return BoundApply(apply, key, record_updates=checking()) if isinstance(apply, ModuleApply) else apply
 
 
 def split_loss_output(out: Any, buffers: dict) -> tuple[torch.Tensor, dict, dict]:
@@ -82,6 +92,11 @@ def loss_and_grad(
     multiplied by it before the backward and the gradients divided by it after (float16).
     Built on ``torch.func.grad_and_value``, so it is pure and compiles to one graph.
 
+    The ``apply`` the ``loss_fn`` receives is bound to ``key``: a call without ``key=`` draws its
+    dropout masks from it too. On the step's checked first call, a ``loss_fn`` that leaves out
+    the buffers its forward updated (it returns ``loss`` or ``(loss, metrics)`` although BatchNorm
+    moved its running statistics) raises a :class:`StepError` naming them.
+
     Example:
         >>> import torch, ftrain
         >>> state = ftrain.TrainState.create(torch.nn.Linear(2, 1), ftrain.optim.identity())
@@ -95,13 +110,15 @@ def loss_and_grad(
     """
     policy = Policy.coerce(precision)
     device_type = tree.device_of(params).type
+    bound = bind_key(apply, key)
 
     def differentiable(p: dict) -> tuple[torch.Tensor, tuple]:
         with policy.autocast(device_type):
-            out = loss_fn(apply, p, buffers, batch, key)
+            out = loss_fn(bound, p, buffers, batch, key)
         loss, metrics, new_buffers = split_loss_output(out, buffers)
         if checking():
             check_loss(loss, metrics, buffers, new_buffers)
+            check_buffers_returned(bound, buffers, new_buffers)
         loss = loss.float()
         return (loss * loss_scale if loss_scale is not None else loss), (loss, metrics, new_buffers)
 
@@ -166,7 +183,8 @@ def eval_core(loss_fn: LossFn, policy: Policy) -> Callable[[TrainState, Any], di
 
     def eval_core(state: TrainState, batch: Any) -> dict:
         with policy.autocast(tree.device_of(state).type):
-            out = loss_fn(state.apply_fn, state.params, state.buffers, batch, step_key(state))
+            key = step_key(state)
+            out = loss_fn(bind_key(state.apply_fn, key), state.params, state.buffers, batch, key)
         loss, metrics, _ = split_loss_output(out, state.buffers)
         if checking():
             check_scalar("loss", loss)
@@ -186,7 +204,8 @@ def predict_core(predict_fn: LossFn, policy: Policy) -> Callable[[TrainState, An
 
     def predict_core(state: TrainState, batch: Any) -> Any:
         with policy.autocast(tree.device_of(state).type):
-            return predict_fn(state.apply_fn, state.params, state.buffers, batch, step_key(state))
+            key = step_key(state)
+            return predict_fn(bind_key(state.apply_fn, key), state.params, state.buffers, batch, key)
 
     return predict_core
 

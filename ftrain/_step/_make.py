@@ -83,12 +83,15 @@ def make_eval_step(
     deterministic: bool = True,
     new_shapes: NewShapes = "recompile",
     backend: str | Callable = "inductor",
+    mesh: Any = None,
 ) -> EvalStep:
     """Build ``eval_step(state, batch) -> metrics`` from the same ``loss_fn`` as the train step.
 
     The module runs in eval mode (dropout off, BatchNorm uses running stats); buffers returned
     by ``loss_fn`` are discarded. Metrics are the loss_fn's metrics plus ``"loss"``. A batch of
     another size (the last, partial one) compiles once more by default (``new_shapes``).
+    With ``mesh`` (an :class:`ftrain.Mesh`), :func:`ftrain.evaluate` and the ``Evaluate`` action
+    reduce this step's metrics over the mesh's ranks, each evaluating its own slice of the data.
     The other arguments are :func:`make_train_step`'s.
 
     Example:
@@ -102,7 +105,9 @@ def make_eval_step(
     """
     check_function(loss_fn, "make_eval_step", LOSS_FN)
     core = eval_core(loss_fn, Policy.coerce(precision))
-    return EvalStep(core, compile=compile, deterministic=deterministic, new_shapes=new_shapes, backend=backend)
+    step = EvalStep(core, compile=compile, deterministic=deterministic, new_shapes=new_shapes, backend=backend)
+    step.mesh = mesh
+    return step
 
 
 def make_predict_step(

@@ -13,6 +13,7 @@ from ._export import load_safetensors as load_safetensors
 from ._export import save_safetensors as save_safetensors
 from ._export import state_dict as state_dict
 from ._orbax import CheckpointManager as CheckpointManager
+from ._policy import PREEMPTION_SIGNALS as PREEMPTION_SIGNALS
 from ._policy import CheckpointCorruptedError as CheckpointCorruptedError
 from ._policy import Checkpointer as Checkpointer
 from ._policy import CheckpointError as CheckpointError
@@ -26,6 +27,7 @@ __all__ = [
     "CheckpointMismatchError",
     "CheckpointPolicy",
     "Checkpointer",
+    "PREEMPTION_SIGNALS",
     "ShardedCheckpointManager",
     "load_safetensors",
     "save_safetensors",

@@ -115,10 +115,13 @@ class ShardedCheckpointManager(CheckpointPolicy):
         self._pending: Future | None = None
         self._committed: threading.Event | None = None
         self._error: BaseException | None = None
-        self._group = None
+        self._group = self._clock_group = None
+        self._clock_vote: tuple[Any, torch.Tensor] | None = None  # the clock's all-reduce in flight
         if self.mesh.is_distributed:
             # A group of its own: a background save must not interleave with the step's collectives.
             self._group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout))
+            if self.save_every_seconds is not None:  # and one for the clock, beside a background save's
+                self._clock_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout))
         if self.mesh.is_main:
             self.directory.mkdir(parents=True, exist_ok=True)
             for leftover in self.directory.glob("*.tmp"):
@@ -240,10 +243,26 @@ class ShardedCheckpointManager(CheckpointPolicy):
         if self._group is not None:
             dist.barrier(group=self._group)
 
+    def _agree(self, due: bool) -> bool:
+        # Each rank reads its own clock, but a save is collective: every call starts an all-reduce
+        # (max) of this rank's verdict and returns the one started by the call before, so all
+        # ranks save at the same step (one step late) and no call waits on the network.
+        if self._clock_group is None:
+            return due
+        agreed = False
+        if self._clock_vote is not None:
+            work, vote = self._clock_vote
+            work.wait()
+            agreed = bool(vote)
+        vote = torch.tensor([int(due)], dtype=torch.int32)
+        self._clock_vote = (dist.all_reduce(vote, op=dist.ReduceOp.MAX, group=self._clock_group, async_op=True), vote)
+        return agreed
+
     def _close(self) -> None:
-        if self._group is not None:
-            dist.destroy_process_group(self._group)
-            self._group = None
+        for group in (self._group, self._clock_group):
+            if group is not None:
+                dist.destroy_process_group(group)
+        self._group = self._clock_group = self._clock_vote = None
 
     def __repr__(self) -> str:
         return f"ShardedCheckpointManager({str(self.directory)!r}, keep={self.keep}, best={self.best!r}, mesh={self.mesh!r})"

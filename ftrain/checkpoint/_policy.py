@@ -17,21 +17,23 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import sys
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, TypedDict, runtime_checkable
 
 import torch
 
 from .. import tree
-from .._validate import check_int
+from .._validate import check_int, check_number
 
 __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
+    "PREEMPTION_SIGNALS",
     "CheckpointCorruptedError",
     "CheckpointError",
     "CheckpointMismatchError",
@@ -44,6 +46,10 @@ FORMAT = "ftrain-checkpoint"
 FORMAT_VERSION = 1
 """The layout of the metadata this ftrain writes; it reads every version in ``_READABLE``."""
 _READABLE = (1,)
+
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+"""The signals :func:`ftrain.fit` treats as a preemption notice by default: a scheduler's "stop soon"
+(SLURM sends SIGTERM, and SIGUSR1 when asked with ``--signal``)."""
 
 Record = Mapping[str, Any]
 """What ``save`` takes beside the state: the data position (JSON-able) and metrics (numbers, 0-d tensors)."""
@@ -131,6 +137,8 @@ class PolicyOptions(TypedDict, total=False):
     keep_best: int
     async_save: bool
     config: Mapping[str, Any] | None
+    save_every_seconds: float | None
+    preemption_signals: Iterable[int]
 
 
 class CheckpointPolicy:
@@ -140,6 +148,13 @@ class CheckpointPolicy:
         directory: where the steps live.
         save_every: :meth:`should_save` is true every this many steps (``None``: never;
             :meth:`save` then saves whenever called).
+        save_every_seconds: :meth:`should_save` is also true once this many seconds passed since
+            the last save (the clock starts at the first :meth:`should_save`, after the first step,
+            so compiling does not count). It bounds the work a hard kill can take; with
+            ``save_every`` both apply. Under a mesh every rank gets the same answer, one call late.
+        preemption_signals: the signals on which :func:`ftrain.fit` saves at the next step
+            boundary and then raises :class:`ftrain.Preempted` (``()``: none, their handlers are
+            left alone).
         keep: keep the latest this many steps (``None``: keep all).
         best: a metric name passed in ``save(..., metrics=...)``, e.g. ``"val/loss"``; the best
             ``keep_best`` steps by it are kept as well. A step saved without it is still saved
@@ -193,9 +208,12 @@ class CheckpointPolicy:
         keep_best: int = 1,
         async_save: bool = True,
         config: Mapping[str, Any] | None = None,
+        save_every_seconds: float | None = None,
+        preemption_signals: Iterable[int] = PREEMPTION_SIGNALS,
     ):
         who = type(self).__name__
         check_int(save_every, "save_every", who=who, none_ok=True)
+        check_number(save_every_seconds, "save_every_seconds", who=who, low=0, open_low=True, none_ok=True)
         check_int(keep, "keep", who=who, none_ok=True, hint=" (keep all)")
         check_int(keep_best, "keep_best", who=who)
         if mode not in ("min", "max"):
@@ -204,6 +222,10 @@ class CheckpointPolicy:
             raise TypeError(f"{who}: best must be a metric name (str) or None, got {type(best).__name__}")
         self.directory = Path(directory).absolute()
         self.save_every, self.keep, self.keep_best = save_every, keep, keep_best
+        self.save_every_seconds = save_every_seconds
+        self.preemption_signals = _signals(preemption_signals, who)
+        self._clock: float | None = None  # when the last save started (or the clock started)
+        self._asked: tuple[int, bool] | None = None  # the last should_save: (step, answer)
         self.best, self.mode = best, mode
         self.async_save = async_save
         self.config = _json(config, "config", who) if config is not None else None
@@ -240,10 +262,21 @@ class CheckpointPolicy:
     def _close(self) -> None:
         """Release the backend's resources."""
 
+    def _agree(self, due: bool) -> bool:
+        """Whether the clock says save, the same on every process (one process: ``due`` itself)."""
+        return due
+
     # ------------------------------------------------------------------ queries
     def should_save(self, step: int) -> bool:
-        """Whether the schedule (``save_every``) asks for a save after ``step``."""
-        return self.save_every is not None and step > 0 and step % self.save_every == 0
+        """Whether the schedule (``save_every``, ``save_every_seconds``) asks for a save after ``step``."""
+        due = self.save_every is not None and step > 0 and step % self.save_every == 0
+        if self.save_every_seconds is not None:
+            now = time.monotonic()
+            if self._clock is None:
+                self._clock = now
+            due = self._agree(now - self._clock >= self.save_every_seconds) or due
+        self._asked = (step, due)
+        return due
 
     def all_steps(self) -> list[int]:
         """The complete steps in the directory, ascending (a half-written step is not listed)."""
@@ -292,8 +325,9 @@ class CheckpointPolicy:
         """Save ``state`` as step ``int(state.step)``; returns whether it saved.
 
         Skipped (``False``) when the step is already saved, when this process does not write, or
-        when ``save_every`` is set, ``force`` is not, and :meth:`should_save` says no. One save is
-        in flight at a time: this first waits for the previous one.
+        when a schedule (``save_every``, ``save_every_seconds``) is set, ``force`` is not, and
+        :meth:`should_save` says no. One save is in flight at a time: this first waits for the
+        previous one.
 
         Args:
             state: a :class:`ftrain.TrainState` (or any pytree with an integer ``step``).
@@ -303,11 +337,12 @@ class CheckpointPolicy:
         """
         who = f"{type(self).__name__}.save"
         step = _step_of(state, who)
-        if not self._writes or (not force and self.save_every is not None and not self.should_save(step)):
+        if not self._writes or (not force and not self._scheduled(step)):
             return False
         self.wait()
         if step in self.all_steps():
             return False
+        self._clock = time.monotonic()  # every save restarts the clock of save_every_seconds
         tensors, scalars, order = _describe(state)
         self._check_directory(tensors, scalars, "save into")
         meta = {
@@ -329,6 +364,13 @@ class CheckpointPolicy:
         if not self.async_save:
             self.wait()
         return True
+
+    def _scheduled(self, step: int) -> bool:
+        if self.save_every is None and self.save_every_seconds is None:
+            return True  # no schedule: save whenever asked
+        if self._asked is not None and self._asked[0] == step:
+            return self._asked[1]  # the answer the caller just had (asking the clock twice could differ)
+        return self.should_save(step)
 
     def wait(self) -> None:
         """Block until the save in flight is complete (and the old steps rotated away)."""
@@ -534,6 +576,18 @@ def _short(items: list[str], limit: int = 10, sep: str = ", ") -> str:
 
 
 # ----------------------------------------------------------------------------- save arguments
+
+
+def _signals(signals: Iterable[int], who: str) -> tuple[int, ...]:
+    catchable = signal.valid_signals() - {signal.SIGKILL, signal.SIGSTOP}
+    signals = tuple(signals)
+    for s in signals:
+        if isinstance(s, bool) or not isinstance(s, int) or s not in catchable:
+            raise ValueError(
+                f"{who}: preemption_signals must be signal numbers a handler can catch (e.g. signal.SIGTERM, "
+                f"signal.SIGUSR1), got {s!r} in {signals!r}; pass () for none"
+            )
+    return signals
 
 
 def _step_of(state: Any, who: str) -> int:
