@@ -162,7 +162,9 @@ class Mesh:
                     # Binds the communicator to that GPU now: NCCL errors show at start, not at the first
                     # collective, and barriers use that GPU instead of guessing one.
                     bind["device_id"] = gpu
-            dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout), **bind)
+            dist.init_process_group(
+                backend, timeout=datetime.timedelta(seconds=timeout), **bind, **_attempt_store(world, timeout)
+            )
             owns = True
         from torch.distributed.device_mesh import init_device_mesh
 
@@ -436,6 +438,27 @@ class Mesh:
         """Wait for every rank (no-op on one process)."""
         if self._world > 1:
             dist.barrier()
+
+
+def _attempt_store(world: int, timeout: float) -> dict[str, Any]:
+    """``init_process_group``'s store for this torchrun attempt (empty: its default).
+
+    ``torchrun --max-restarts`` keeps one store for all attempts, and a restarted rank would read
+    the process group's keys from the attempt before (the dead ranks' addresses) and fail with
+    "Connection refused" (torch 2.13). A prefix per attempt keeps the attempts apart.
+    """
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    if restart == "0" or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {}
+    agent = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world,
+        is_master=False,
+        timeout=datetime.timedelta(seconds=timeout),
+    )
+    store = dist.PrefixStore(f"ftrain/attempt_{restart}", agent)
+    return {"store": store, "rank": int(os.environ["RANK"]), "world_size": world}
 
 
 def _default_device(device_type: str) -> torch.device:

@@ -9,4 +9,4 @@ torch.set_num_threads(2)
 from step_fixtures import mlp_setup as mlp_setup  # noqa: E402
 
 # Scripts the tests start as subprocesses: not modules to import for doctests.
-collect_ignore = ["mesh_worker.py", "resume_script.py"]
+collect_ignore = ["dist_worker.py", "interrupt_script.py", "mesh_worker.py", "resume_script.py"]
