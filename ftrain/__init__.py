@@ -15,6 +15,7 @@ from . import optim as optim
 from . import precision as precision
 from . import random as random
 from . import schedules as schedules
+from . import sweep as sweep
 from . import tree as tree
 from . import writers as writers
 from ._module import ModuleApply as ModuleApply
