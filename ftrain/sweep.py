@@ -243,7 +243,7 @@ def create(
         if hyperparams:
             state = state.replace(opt_state=set_hyperparams(state.opt_state, **hyperparams))
             if i == 0:
-                _check_not_scheduled(state, hyperparams)
+                _check_not_scheduled(state, list(hyperparams))
         members.append(state)
     stacked = stack_states(members)
     return SweepState(
@@ -254,13 +254,17 @@ def create(
     )
 
 
-def _check_not_scheduled(state: TrainState, hyperparams: Mapping[str, Any]) -> None:
-    # One update on zero gradients: a scheduled hyperparameter comes back recomputed, not as set.
+def _check_not_scheduled(state: TrainState, names: Sequence[str]) -> None:
+    # Set each to an odd probe value and update once on zero gradients: a scheduled one comes back
+    # recomputed, not as set (the probe keeps betas in [0, 1) and rates positive).
+    current = get_hyperparams(state.opt_state)
+    probe = {name: current[name] * 0.5 + 0.123 for name in names}
+    opt_state = set_hyperparams(state.opt_state, **probe)
     with torch.no_grad():
-        _, opt_state = state.tx.update(tree.zeros_like(state.params), state.opt_state, state.params)
-    before, after = get_hyperparams(state.opt_state), get_hyperparams(opt_state)
-    for name in hyperparams:
-        if not torch.equal(before[name], after[name]):
+        _, opt_state = state.tx.update(tree.zeros_like(state.params), opt_state, state.params)
+    after = get_hyperparams(opt_state)
+    for name in names:
+        if not torch.equal(after[name], probe[name]):
             raise ValueError(SCHEDULED.format(name=name))
 
 
