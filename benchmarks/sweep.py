@@ -42,10 +42,11 @@ def loss_fn(apply, params, buffers, batch, key):
     return F.cross_entropy(logits, y, label_smoothing=0.1), {"acc": ftrain.metrics.accuracy(logits, y)}, buffers
 
 
-def timed(fn) -> tuple[float, object]:
-    start = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - start, out
+def timed(fn) -> tuple[float, float]:
+    """(wall seconds, this process's CPU seconds): on a shared machine the CPU time is the steadier."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def main(argv: list[str] | None = None) -> float:
@@ -82,20 +83,19 @@ def main(argv: list[str] | None = None) -> float:
     def vmapped():
         fit(sweep.create(make_model, tx, settings), sweep_step)
 
-    times = {}
+    wall, cpu = {}, {}
     for name, fn in [("sequential, compiling", sequential), ("sequential", sequential),
                      ("sweep, compiling", vmapped), ("sweep", vmapped)]:  # fmt: skip
-        times[name], _ = timed(fn)
-        print(f"  {name}: {times[name]:.2f} s", flush=True)
-    seq_first, seq_steady = times["sequential, compiling"], times["sequential"]
-    sweep_first, sweep_steady = times["sweep, compiling"], times["sweep"]
-    seq_compile, sweep_compile = seq_first - seq_steady, sweep_first - sweep_steady
+        wall[name], cpu[name] = timed(fn)
+        print(f"  {name}: {wall[name]:.2f} s wall, {cpu[name]:.2f} s CPU", flush=True)
     n = args.members
-    print(f"{n} members x {args.steps} steps, batch {args.batch_size}, {args.threads} threads")
-    print(f"sequential: compile {seq_compile:.1f} s + {n} runs {seq_steady:.2f} s = {seq_first:.1f} s total")
-    print(f"sweep:      compile {sweep_compile:.1f} s + 1 run {sweep_steady:.2f} s = {sweep_first:.1f} s total")
-    print(f"with compiles: sweep {sweep_first:.1f} s vs sequential {seq_first:.1f} s ({seq_first / sweep_first:.2f}x)")
-    speedup = seq_steady / sweep_steady
+    print(f"{n} members x {args.steps} steps, batch {args.batch_size}, {args.threads} threads; CPU seconds:")
+    for side, runs in (("sequential", f"{n} runs"), ("sweep", "1 run")):
+        first, steady = cpu[f"{side}, compiling"], cpu[side]
+        print(f"{side + ':':<12}compile {first - steady:.1f} s + {runs} {steady:.2f} s = {first:.1f} s total")
+    seq_total, sweep_total = cpu["sequential, compiling"], cpu["sweep, compiling"]
+    print(f"with compiles: sweep {sweep_total:.1f} s vs sequential {seq_total:.1f} s ({seq_total / sweep_total:.2f}x)")
+    speedup = cpu["sequential"] / cpu["sweep"]
     print(f"sweep speedup: {speedup:.2f}x ({n} members, one call vs {n} runs)")
     return speedup
 
