@@ -6,6 +6,7 @@ loop is thin. See ``docs/`` for the concepts and a migration guide.
 
 from . import actions as actions
 from . import checkpoint as checkpoint
+from . import config as config
 from . import data as data
 from . import datasets as datasets
 from . import loop as loop
