@@ -10,12 +10,13 @@ ordinary `TrainState`.
 
     python examples/sweep.py                                   # 4 x 4 = 16 members, 20 epochs
     python examples/sweep.py --lr 1e-3 3e-3 --weight-decay 0 0.1
+    python examples/sweep.py --config sweep.yaml --epochs 5    # a YAML file of Config's fields, overridden
     python examples/sweep.py --smoke                           # 2 x 2, a few eager steps
 """
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import tempfile
 import time
 from pathlib import Path
@@ -74,20 +75,30 @@ def heat_map(path: Path, lrs: list[float], wds: list[float], acc: list[float]) -
     print(f"heat map saved to {path}")
 
 
+@dataclasses.dataclass
+class Config:
+    """A learning rate x weight decay grid on digits (see the module docstring)."""
+
+    lr: list[float] = dataclasses.field(default_factory=lambda: [1e-3, 3e-3, 1e-2, 3e-2])
+    """peak learning rates"""
+    weight_decay: list[float] = dataclasses.field(default_factory=lambda: [0.0, 1e-3, 1e-2, 1e-1])
+    epochs: int = 20
+    batch_size: int = 64
+    seed: int = 0
+    """every member starts from this seed's weights"""
+    out: str = "runs/sweep"
+    """the heat map and metrics go here"""
+    no_compile: bool = False
+    """run the steps eagerly"""
+    smoke: bool = False
+    """a 2 x 2 grid, a few eager steps, a temp dir"""
+
+
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--lr", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2, 3e-2], help="peak learning rates")
-    parser.add_argument("--weight-decay", type=float, nargs="+", default=[0.0, 1e-3, 1e-2, 1e-1])
-    parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0, help="every member starts from this seed's weights")
-    parser.add_argument("--out", default="runs/sweep", help="the heat map goes here")
-    parser.add_argument("--no-compile", action="store_true", help="run the steps eagerly")
-    parser.add_argument("--smoke", action="store_true", help="a 2 x 2 grid, a few eager steps, a temp dir")
-    args = parser.parse_args(argv)
+    args = ftrain.config.parse(Config, argv, description=__doc__)
     if args.smoke:
-        args.lr, args.weight_decay, args.no_compile = args.lr[:2], args.weight_decay[:2], True
-        args.out = tempfile.mkdtemp(prefix="ftrain-sweep-")
+        args = dataclasses.replace(args, lr=args.lr[:2], weight_decay=args.weight_decay[:2], no_compile=True,
+                                   out=tempfile.mkdtemp(prefix="ftrain-sweep-"))  # fmt: skip
     start = time.perf_counter()
 
     train, val, test = (ftrain.datasets.digits(split, seed=args.seed) for split in ("train", "val", "test"))
@@ -110,7 +121,9 @@ def main(argv: list[str] | None = None) -> dict:
     eval_step = sweep.eval_step(ftrain.make_eval_step(loss_fn, compile=False), compile=compile)
     val_loader = ftrain.data.Loader(val, len(val), shuffle=False)
     # Per-member metrics are logged as train/loss/3, val/acc/3, ...; the console shows the means.
-    state = ftrain.fit(state, train_step, train_loader, num_steps=num_steps, progress=False,
+    # The resolved config goes to the writers with the per-member metrics.
+    config = {k: v for k, v in ftrain.config.to_dict(args).items() if k not in ("out", "no_compile", "smoke")}
+    state = ftrain.fit(state, train_step, train_loader, num_steps=num_steps, progress=False, hparams=config,
                        log=ftrain.writers.JSONL(Path(args.out) / "metrics.jsonl"), log_every=max(1, num_steps // 4))  # fmt: skip
 
     metrics = ftrain.evaluate(state, eval_step, val_loader)

@@ -81,7 +81,9 @@ def parse(cls: type[T], argv: Sequence[str] | None = None, *, description: str |
     pre.add_argument("--config", default=None)
     known, rest = pre.parse_known_args(argv)
     default = load_yaml(cls, known.config) if known.config else None
-    return tyro.cli(cls, args=rest, default=default, description=description)
+    text = description if description is not None else (cls.__doc__ or "")
+    text += "\n\n--config FILE.yaml sets any of the fields below first; the flags override the file."
+    return tyro.cli(cls, args=rest, default=default, description=text)
 
 
 def to_dict(config: Any) -> dict[str, Any]:
