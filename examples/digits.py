@@ -6,12 +6,13 @@ writes TensorBoard logs, and prints the final test accuracy.
 
     python examples/digits.py                  # full run, about a minute on a 2-core CPU
     python examples/digits.py --smoke          # a few steps into a temp dir (used by the tests)
+    python examples/digits.py --config run.yaml --lr 1e-2   # Config's fields from YAML, flags override
     tensorboard --logdir runs/digits           # look at the curves
 """
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import tempfile
 import time
 
@@ -43,20 +44,30 @@ def loss_fn(apply, params, buffers, batch, key):
     return loss, {"acc": ftrain.metrics.accuracy(logits, y)}, buffers
 
 
+@dataclasses.dataclass
+class Config:
+    """Train the digits MLP (see the module docstring)."""
+
+    epochs: int = 40
+    """training epochs"""
+    batch_size: int = 64
+    lr: float = 3e-3
+    """peak learning rate of the warmup-cosine schedule"""
+    weight_decay: float = 1e-2
+    dropout: float = 0.2
+    seed: int = 0
+    out: str = "runs/digits"
+    """checkpoints and TensorBoard logs go here"""
+    no_compile: bool = False
+    """run the steps eagerly (for debugging)"""
+    smoke: bool = False
+    """a few steps into a temp dir, for CI"""
+
+
 def main(argv: list[str] | None = None) -> float:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--epochs", type=int, default=40, help="training epochs")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of the warmup-cosine schedule")
-    parser.add_argument("--weight-decay", type=float, default=1e-2)
-    parser.add_argument("--dropout", type=float, default=0.2)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="runs/digits", help="checkpoints and TensorBoard logs go here")
-    parser.add_argument("--no-compile", action="store_true", help="run the steps eagerly (for debugging)")
-    parser.add_argument("--smoke", action="store_true", help="a few steps into a temp dir, for CI")
-    args = parser.parse_args(argv)
+    args = ftrain.config.parse(Config, argv, description=__doc__)
     if args.smoke:
-        args.epochs, args.out = 1, tempfile.mkdtemp(prefix="ftrain-digits-")
+        args = dataclasses.replace(args, epochs=1, out=tempfile.mkdtemp(prefix="ftrain-digits-"))
     torch.manual_seed(args.seed)  # only the initial weights come from torch's RNG; the rest is keyed
     start = time.perf_counter()
 
@@ -81,7 +92,7 @@ def main(argv: list[str] | None = None) -> float:
 
     # The run's config goes with every checkpoint (and a directory holding another config's run is
     # refused rather than resumed) and to the writers, as TensorBoard hparams.
-    config = {k: v for k, v in vars(args).items() if k not in ("out", "no_compile", "smoke")}
+    config = {k: v for k, v in ftrain.config.to_dict(args).items() if k not in ("out", "no_compile", "smoke")}
     manager = ftrain.CheckpointManager(
         args.out, save_every=max(1, num_steps // 4), keep=2, best="val/acc", mode="max", config=config
     )

@@ -6,6 +6,7 @@ loop is thin. See ``docs/`` for the concepts and a migration guide.
 
 from . import actions as actions
 from . import checkpoint as checkpoint
+from . import config as config
 from . import data as data
 from . import datasets as datasets
 from . import loop as loop
@@ -15,6 +16,7 @@ from . import optim as optim
 from . import precision as precision
 from . import random as random
 from . import schedules as schedules
+from . import sweep as sweep
 from . import tree as tree
 from . import writers as writers
 from ._module import ModuleApply as ModuleApply
