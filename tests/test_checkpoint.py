@@ -193,6 +193,20 @@ def test_structure_mismatch_lists_missing_unexpected_and_misshaped_paths(tmp_pat
             m.restore(into=make_state())
 
 
+def test_a_finished_run_resumes_with_more_num_steps_but_no_other_config_change(tmp_path):
+    state = trained(make_state())
+    with manager(tmp_path, config={"lr": 0.1, "num_steps": 3}) as m:
+        m.save(state)
+    with manager(tmp_path, config={"lr": 0.1, "num_steps": 10}) as m:  # extending the run
+        assert_same_state(m.restore_latest(make_state(seed=1))[0], state)
+    with manager(tmp_path, config={"lr": 0.2, "num_steps": 10}) as m:
+        with pytest.raises(CheckpointMismatchError, match=r"config differs in \['lr'\]"):
+            m.restore_latest(make_state())
+    with manager(tmp_path, config={"lr": 0.1, "num_steps": 10}, may_change=()) as m:
+        with pytest.raises(CheckpointMismatchError, match=r"config differs in \['num_steps'\]"):
+            m.restore_latest(make_state())
+
+
 def test_a_directory_of_another_model_or_run_is_refused(tmp_path):
     with manager(tmp_path, config={"lr": 0.1, "seed": 0}) as m:
         m.save(make_state())

@@ -22,6 +22,7 @@ REPORTS = {
     "ensemble.py": "ensemble of 2: test accuracy",
     "lr_find.py": "suggested learning rate",
     "ddp.py": "val accuracy",
+    "sweep.py": "best member",
 }
 
 

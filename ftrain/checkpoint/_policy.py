@@ -137,6 +137,7 @@ class PolicyOptions(TypedDict, total=False):
     keep_best: int
     async_save: bool
     config: Mapping[str, Any] | None
+    may_change: Iterable[str]
     save_every_seconds: float | None
     preemption_signals: Iterable[int]
 
@@ -163,7 +164,11 @@ class CheckpointPolicy:
         keep_best: how many of the best steps to keep.
         async_save: whether :meth:`save` may return before the write is durable.
         config: the run's configuration (a JSON-able dict), stored with every step; a directory
-            whose latest step carries a different config is refused as another run's.
+            whose latest step carries a different config is refused as another run's, naming the
+            keys that differ.
+        may_change: the config keys that may differ from the saved run's when it resumes; by
+            default ``num_steps``, so a finished run can be extended. The new value is the one
+            stored from then on.
 
     A backend implements the ``_``-methods below and declares ``copies_state``.
 
@@ -208,6 +213,7 @@ class CheckpointPolicy:
         keep_best: int = 1,
         async_save: bool = True,
         config: Mapping[str, Any] | None = None,
+        may_change: Iterable[str] = ("num_steps",),
         save_every_seconds: float | None = None,
         preemption_signals: Iterable[int] = PREEMPTION_SIGNALS,
     ):
@@ -229,6 +235,9 @@ class CheckpointPolicy:
         self.best, self.mode = best, mode
         self.async_save = async_save
         self.config = _json(config, "config", who) if config is not None else None
+        if isinstance(may_change, str):
+            raise TypeError(f"{who}: may_change must be a collection of config keys, got the string {may_change!r}")
+        self.may_change = frozenset(may_change)
         self._checked_dir = False
         self._metrics: dict[int, float | None] = {}  # the `best` metric of each step read so far
 
@@ -423,8 +432,16 @@ class CheckpointPolicy:
                     + ". Use a new directory for this run"
                 )
             saved = meta.get("config")
-            if self.config is not None and saved is not None and saved != self.config:
-                changed = sorted(k for k in set(self.config) | set(saved) if self.config.get(k) != saved.get(k))
+            changed = (
+                sorted(
+                    k
+                    for k in set(self.config or {}) | set(saved or {})
+                    if self.config.get(k) != saved.get(k) and k not in self.may_change
+                )
+                if self.config is not None and saved is not None
+                else []
+            )
+            if changed:
                 raise CheckpointMismatchError(
                     f"cannot {verb} {self.directory}: its checkpoints (latest step {latest}) come from another run, "
                     f"whose config differs in {changed} (saved { {k: saved.get(k) for k in changed} }, now "
