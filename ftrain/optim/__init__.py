@@ -35,6 +35,8 @@ from ._base import Schedule as Schedule
 from ._base import apply_updates as apply_updates
 from ._base import chain as chain
 from ._base import identity as identity
+from ._report import record as record
+from ._report import report as report
 from ._transform import ClipByGlobalNormState as ClipByGlobalNormState
 from ._transform import EmaParamsState as EmaParamsState
 from ._transform import ScaleByAdamState as ScaleByAdamState

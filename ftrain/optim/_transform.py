@@ -27,6 +27,7 @@ from ._base import (
     need_params,
     zero_count,
 )
+from ._report import report, report_gradient_norm, report_learning_rate
 from ._wrappers import masked
 
 __all__ = [
@@ -148,8 +149,20 @@ def scale_by_learning_rate(learning_rate: ScalarOrSchedule, *, flip_sign: bool =
     check_hyperparam("scale_by_learning_rate", "learning_rate", learning_rate)
     sign = -1.0 if flip_sign else 1.0
     if callable(learning_rate):
-        return scale_by_schedule(lambda count: sign * torch.as_tensor(learning_rate(count)))
-    return scale(sign * learning_rate)
+
+        def rate(count: torch.Tensor) -> torch.Tensor:
+            value = torch.as_tensor(learning_rate(count))
+            report("lr", value)  # a train step's "lr" metric
+            return sign * value
+
+        return scale_by_schedule(rate)
+    fixed = scale(sign * learning_rate)
+
+    def update(updates: PyTree, state: EmptyState, params: PyTree = None) -> tuple[PyTree, EmptyState]:
+        report_learning_rate(learning_rate, updates)
+        return fixed.update(updates, state, params)
+
+    return GradientTransformation(fixed.init, update)
 
 
 # --- weight decay and momentum -----------------------------------------------------------
@@ -563,6 +576,7 @@ def clip_by_global_norm(max_norm: Scalar) -> GradientTransformation:
         if not tree.leaves(updates):
             return updates, state
         norm = tree.global_norm(updates)
+        report_gradient_norm(updates, norm)  # the step's "grad_norm" metric, when these are the raw gradients
         (coef,) = materialize(torch.clamp(max_norm / (norm + 1e-6), max=1.0))
         return tree.map(lambda u: u * coef.to(u.dtype), updates), state
 
