@@ -59,14 +59,14 @@ class Summary:
         return self.params - self.trainable
 
     def as_dict(self) -> dict[str, Any]:
-        """The totals as ``{name: number}`` (``summary/params``, ``summary/flops_per_step``, ...)."""
-        flops = "summary/flops_per_forward" if self.flops_are_forward_only else "summary/flops_per_step"
+        """The totals as ``{name: number}`` (``params``, ``trainable_params``, ``flops_per_step``, ...)."""
+        flops = "flops_per_forward" if self.flops_are_forward_only else "flops_per_step"
         return {
-            "summary/params": self.params,
-            "summary/trainable_params": self.trainable,
-            "summary/frozen_params": self.frozen,
-            "summary/param_bytes": self.param_bytes,
-            "summary/buffer_bytes": self.buffer_bytes,
+            "params": self.params,
+            "trainable_params": self.trainable,
+            "frozen_params": self.frozen,
+            "param_bytes": self.param_bytes,
+            "buffer_bytes": self.buffer_bytes,
             flops: self.flops,
         }
 
@@ -219,7 +219,7 @@ def _human(n: float, unit: str) -> str:
     base, prefixes = (1024, ("", "Ki", "Mi", "Gi", "Ti")) if unit == "B" else (1000, ("", "K", "M", "G", "T", "P"))
     for p in prefixes:
         if abs(n) < base or p == prefixes[-1]:
-            text = f"{n:.0f}" if p == "" else f"{n:.1f}{p}"
-            return f"{text} {unit}".strip() if unit else text
+            text = f"{n:.0f}" if p == "" else f"{n:.1f}"
+            return f"{text} {p}{unit}" if unit else text + p
         n /= base
     raise AssertionError("unreachable")

@@ -40,8 +40,10 @@ from typing import Any
 import torch
 
 from . import tree
+from ._batches import to_device
 from ._evaluate import evaluate
 from ._run import Run
+from ._summary import Summary, summary
 from ._validate import check_int, check_number, check_one_of
 from .checkpoint import Checkpointer
 from .writers import format_scalar, is_rank_zero
@@ -785,3 +787,44 @@ class Profile(Action):
         if self._prof is not None:
             self._prof.__exit__(None, None, None)
             self._prof = None
+
+
+class Summarize(Action):
+    """At the start of ``fit``: :func:`ftrain.summary` of the state, printed and published as ``summary/*``.
+
+    Publishes ``summary/params``, ``summary/trainable_params``, ``summary/frozen_params``,
+    ``summary/param_bytes``, ``summary/buffer_bytes`` and ``summary/flops_per_step`` (or
+    ``summary/flops_per_forward`` without a ``loss_fn``) at the first step, so every writer
+    records them. Nothing runs for real (fake tensors). The result stays on the action as
+    ``.summary`` (throughput and MFU need its FLOPs).
+
+    Args:
+        batch: one batch as the step gets it (its shapes and dtypes are used; it is moved to
+            the state's device first).
+        loss_fn: the train step's ``loss_fn``: FLOPs of the whole train step.
+        depth: the table's module depth (see :func:`ftrain.summary`).
+        print_table: print the table on rank 0.
+
+    Example:
+        >>> import torch, ftrain
+        >>> state = ftrain.TrainState.create(torch.nn.Linear(4, 2), ftrain.optim.sgd(0.1))
+        >>> run = Run(state=state)
+        >>> Summarize(torch.ones(8, 4), print_table=False).start(run)
+        >>> run.latest["summary/params"], run.latest["summary/flops_per_forward"]
+        (10.0, 128.0)
+    """
+
+    order = -30  # before the other actions' start: the table is printed above the progress bar
+    publishes = ("summary",)
+
+    def __init__(self, batch: Any, loss_fn: Callable | None = None, *, depth: int = 1, print_table: bool = True):
+        check_int(depth, "depth", who="Summarize")
+        self.batch, self.loss_fn, self.depth, self.print_table = batch, loss_fn, depth, print_table
+        self.summary: Summary | None = None
+
+    def start(self, run: Run) -> None:
+        batch = to_device(self.batch, tree.device_of(run.state))
+        self.summary = summary(run.state, batch, self.loss_fn, depth=self.depth)
+        if self.print_table and is_rank_zero():
+            print(self.summary)
+        run.publish("summary", self.summary.as_dict())
