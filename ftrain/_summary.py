@@ -223,3 +223,48 @@ def _human(n: float, unit: str) -> str:
             return f"{text} {p}{unit}" if unit else text + p
         n /= base
     raise AssertionError("unreachable")
+
+
+# Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets; the first name found in
+# torch.cuda.get_device_name() wins, so the specific names come before the general ones.
+KNOWN_PEAKS: tuple[tuple[str, float], ...] = (
+    ("H100 NVL", 835e12),
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),
+    ("H200", 989e12),
+    ("GH200", 989e12),
+    ("B200", 2250e12),
+    ("A100", 312e12),
+    ("L40S", 362e12),
+    ("A10G", 125e12),
+    ("L4", 121e12),
+    ("MI300X", 1307e12),
+)
+
+
+def peak_flops(device: torch.device | str = "cpu", *, size: int = 1024, repeats: int = 5) -> float:
+    """The peak FLOP/s of ``device``, for MFU: a known GPU's data-sheet number, else measured.
+
+    A GPU listed in :data:`KNOWN_PEAKS` (by ``torch.cuda.get_device_name``) gets its dense
+    bf16 peak; any other device gets the best of ``repeats`` timed float32 ``size x size``
+    matmuls (what this process can reach with its threads, the honest denominator on a CPU).
+
+    Example:
+        >>> peak_flops("cpu", size=64, repeats=2) > 0
+        True
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for known, peak in KNOWN_PEAKS:
+            if known in name:
+                return peak
+    import time
+
+    a = torch.randn(size, size, device=device)
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first is a warm-up
+        t = time.perf_counter()
+        (a @ a).sum().item()  # .item(): wait for the device
+        best = min(best, time.perf_counter() - t)
+    return 2 * size**3 / best

@@ -43,7 +43,7 @@ from . import tree
 from ._batches import to_device
 from ._evaluate import evaluate
 from ._run import Run
-from ._summary import Summary, summary
+from ._summary import Summary, peak_flops, summary
 from ._validate import check_int, check_number, check_one_of
 from .checkpoint import Checkpointer
 from .writers import format_scalar, is_rank_zero
@@ -828,3 +828,89 @@ class Summarize(Action):
         if self.print_table and is_rank_zero():
             print(self.summary)
         run.publish("summary", self.summary.as_dict())
+
+
+class Throughput(Periodic):
+    """Publish ``train/samples_per_sec``, ``tokens_per_sec``, ``tflops``, ``mfu`` and peak memory.
+
+    Rates are over the interval since it last fired, from the loop's clock (``fit``'s log sync
+    makes them honest on an asynchronous device); no sync of its own. ``train/tflops`` is the
+    model FLOP/s achieved (FLOPs per step times steps per second), ``train/mfu`` that over the
+    peak; ``train/memory_gib`` is the peak memory allocated so far, where the device reports it
+    (CUDA).
+
+    Args:
+        batch_size: samples per step.
+        tokens_per_sample: tokens in one sample (a sequence length) for ``tokens_per_sec``.
+        flops_per_step: FLOPs of one train step, or a :class:`Summarize` action whose summary
+            has them (``fit(actions=[summarize, Throughput(..., flops_per_step=summarize)])``).
+        peak_flops: the device's peak FLOP/s for ``mfu``; ``None``: :func:`ftrain.summary`'s
+            ``peak_flops`` (a known GPU by name, else a measured matmul), measured once at start.
+        every: the interval (default 50 steps, ``fit``'s default ``log_every``).
+
+    Example:
+        >>> run = Run(state=None, step=0)
+        >>> meter = Throughput(batch_size=32, tokens_per_sample=128, flops_per_step=1e9, peak_flops=1e12, every=10)
+        >>> meter.start(run)
+        >>> for s in range(1, 11):  # a step every 0.5 s
+        ...     run.step, run.time = s, run.time + 0.5
+        ...     meter(run)
+        >>> {k: round(v, 3) for k, v in run.new.items()}
+        {'train/samples_per_sec': 64.0, 'train/tokens_per_sec': 8192.0, 'train/tflops': 0.002, 'train/mfu': 0.002}
+    """
+
+    order = -9  # right after LogMetrics, which syncs the device at the same steps
+    publishes = ("train",)
+
+    def __init__(
+        self,
+        batch_size: int,
+        *,
+        tokens_per_sample: int | None = None,
+        flops_per_step: float | Summarize | None = None,
+        peak_flops: float | None = None,
+        every: Every | int | float = 50,
+    ):
+        super().__init__(None, every)
+        self.batch_size = check_int(batch_size, "batch_size", who="Throughput")
+        self.tokens_per_sample = None if tokens_per_sample is None else check_int(
+            tokens_per_sample, "tokens_per_sample", who="Throughput"
+        )  # fmt: skip
+        if not (flops_per_step is None or isinstance(flops_per_step, Summarize)):
+            check_number(flops_per_step, "flops_per_step", who="Throughput", low=0)
+        if peak_flops is not None:
+            check_number(peak_flops, "peak_flops", who="Throughput", low=0, open_low=True)
+        self.flops_per_step, self.peak_flops = flops_per_step, peak_flops
+        self._since: tuple[int, float] | None = None
+
+    def start(self, run: Run) -> None:
+        super().start(run)
+        self._since = None
+        if self.flops_per_step is not None and self.peak_flops is None:
+            self.peak_flops = peak_flops(tree.device_of(run.state) if run.state is not None else "cpu")
+
+    def __call__(self, run: Run) -> None:
+        if self._since is None:
+            self._since = (run.step, run.time)  # the first step (compiling, warming up) is not a rate: start after it
+            return
+        super().__call__(run)
+
+    def act(self, run: Run) -> None:
+        steps, seconds = run.step - self._since[0], run.time - self._since[1]
+        self._since = (run.step, run.time)
+        if steps <= 0 or seconds <= 0:
+            return
+        rate = steps / seconds
+        values = {"samples_per_sec": rate * self.batch_size}
+        if self.tokens_per_sample is not None:
+            values["tokens_per_sec"] = rate * self.batch_size * self.tokens_per_sample
+        flops = self.flops_per_step
+        if isinstance(flops, Summarize):
+            flops = flops.summary.flops if flops.summary is not None else None
+        if flops is not None:
+            values["tflops"] = flops * rate / 1e12
+            values["mfu"] = flops * rate / self.peak_flops
+        device = tree.device_of(run.state) if run.state is not None else torch.device("cpu")
+        if device.type == "cuda":
+            values["memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        run.publish("train", values)

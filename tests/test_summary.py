@@ -100,3 +100,42 @@ def test_summarize_action_prints_the_table_and_writes_it_at_fits_start(tmp_path,
     rows = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
     first = next(r for r in rows if "summary/flops_per_step" in r)
     assert first["summary/flops_per_step"] == summarize.summary.flops and first["summary/params"] == 9610
+
+
+def test_throughput_rates_tflops_and_mfu_from_the_loops_clock():
+    summarize = actions.Summarize(digits_batch(32), digits_loss_fn, print_table=False)
+    meter = actions.Throughput(32, tokens_per_sample=64, flops_per_step=summarize, peak_flops=2e9, every=4)
+    run = ftrain.actions.Run(state=digits_state())
+    summarize.start(run)
+    meter.start(run)
+    for s in range(1, 9):  # a step every 0.25 s: 4 steps/s once the first step is behind
+        run.step, run.time = s, run.time + 0.25
+        meter(run)
+    flops = summarize.summary.flops
+    assert run.new["train/samples_per_sec"] == pytest.approx(4 * 32)
+    assert run.new["train/tokens_per_sec"] == pytest.approx(4 * 32 * 64)
+    assert run.new["train/tflops"] == pytest.approx(4 * flops / 1e12)
+    assert run.new["train/mfu"] == pytest.approx(4 * flops / 2e9)
+    assert "train/memory_gib" not in run.new  # the CPU reports no peak memory
+
+
+def test_peak_flops_knows_gpus_by_name_and_measures_a_cpu(monkeypatch):
+    from ftrain._summary import peak_flops
+
+    for name, peak in [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA A100-SXM4-40GB", 312e12)]:
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, name=name: name)
+        assert peak_flops(torch.device("cuda")) == peak
+    assert 1e7 < peak_flops("cpu", size=128, repeats=2) < 1e14
+
+
+def test_fit_publishes_throughput_with_the_summarys_flops(tmp_path):
+    sink = ftrain.writers.JSONL(tmp_path / "m.jsonl")
+    summarize = actions.Summarize(digits_batch(), digits_loss_fn, print_table=False)
+    meter = actions.Throughput(32, flops_per_step=summarize, every=2)
+    step = ftrain.make_train_step(digits_loss_fn, compile=False)
+    ftrain.fit(digits_state(), step, [digits_batch()] * 5, num_steps=5, log=sink, progress=False,
+               actions=[summarize, meter])  # fmt: skip
+    rows = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    rates = [r for r in rows if "train/mfu" in r]
+    assert [r["step"] for r in rates] == [2, 4] and all(0 < r["train/mfu"] < 1 for r in rates)
+    assert all(r["train/samples_per_sec"] > 0 and r["train/tflops"] > 0 for r in rates)
