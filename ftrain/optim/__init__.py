@@ -51,6 +51,7 @@ from ._transform import add_decayed_weights as add_decayed_weights
 from ._transform import clip as clip
 from ._transform import clip_by_global_norm as clip_by_global_norm
 from ._transform import ema_params as ema_params
+from ._transform import ema_state as ema_state
 from ._transform import scale as scale
 from ._transform import scale_by_adam as scale_by_adam
 from ._transform import scale_by_learning_rate as scale_by_learning_rate
