@@ -46,7 +46,7 @@ from ._run import Run
 from ._summary import Summary, peak_flops, summary
 from ._validate import check_int, check_number, check_one_of
 from .checkpoint import Checkpointer
-from .writers import format_scalar, is_rank_zero
+from .writers import Histogram, format_scalar, is_rank_zero
 
 __all__ = [
     "Action",
@@ -914,3 +914,57 @@ class Throughput(Periodic):
         if device.type == "cuda":
             values["memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         run.publish("train", values)
+
+
+class Histograms(Periodic):
+    """Every ``every`` steps: a histogram of each param tensor, to the writers' ``write_histograms``.
+
+    Off unless you add it (``fit(..., actions=[Histograms(every=500)])``). The counts are made on
+    the device (``bins`` equal bins between each tensor's min and max) and all tensors' numbers
+    come to the host in one copy: one sync per firing. Written as ``params/<name>``
+    (:class:`ftrain.writers.Histogram`); writers without ``write_histograms`` skip them.
+
+    Args:
+        every: the interval (an int is steps).
+        bins: bins per histogram.
+
+    Example:
+        >>> import torch, ftrain
+        >>> state = ftrain.TrainState.create(torch.nn.Linear(3, 2), ftrain.optim.sgd(0.1))
+        >>> h = param_histograms(state.params, bins=4)["params/weight"]
+        >>> h.num, len(h.counts), sum(h.counts)
+        (6, 4, 6.0)
+    """
+
+    order = -8
+
+    def __init__(self, every: Every | int | float = 500, *, bins: int = 64):
+        super().__init__(None, every)
+        self.bins = check_int(bins, "bins", who="Histograms")
+
+    def act(self, run: Run) -> None:
+        run.writer.write_histograms(run.step, param_histograms(run.state.params, bins=self.bins))
+
+
+def param_histograms(params: Mapping[str, torch.Tensor], *, bins: int = 64) -> dict[str, Histogram]:
+    """``params/<name>`` -> :class:`ftrain.writers.Histogram` for each float tensor, counted on its device, one copy."""
+    names, rows = [], []
+    for name, p in params.items():
+        if not (isinstance(p, torch.Tensor) and p.is_floating_point() and p.numel()):
+            continue
+        x = p.detach().reshape(-1).float()
+        lo, hi = x.min(), x.max()
+        width = torch.clamp((hi - lo) / bins, min=torch.finfo(torch.float32).tiny)
+        index = ((x - lo) / width).long().clamp(0, bins - 1)  # the max falls in the last bin
+        counts = torch.bincount(index, minlength=bins).float()
+        stats = torch.stack([lo, hi, torch.tensor(float(x.numel()), device=x.device), x.sum(), x.square().sum(), width])
+        names.append(name)
+        rows.append(torch.cat([stats, counts]))
+    if not rows:
+        return {}
+    host = torch.stack([r.to(rows[0].device) for r in rows]).tolist()  # the one sync
+    out = {}
+    for name, (lo, hi, num, total, squares, width, *counts) in zip(names, host):
+        edges = [lo + i * width for i in range(bins + 1)]
+        out[f"params/{name}"] = Histogram(lo, hi, int(num), total, squares, edges, counts)
+    return out
