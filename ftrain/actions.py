@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import KW_ONLY, dataclass
 from fractions import Fraction
@@ -46,7 +47,7 @@ from ._run import Run
 from ._summary import Summary, peak_flops, summary
 from ._validate import check_int, check_number, check_one_of
 from .checkpoint import Checkpointer
-from .writers import Histogram, format_scalar, is_rank_zero
+from .writers import Console, Histogram, format_scalar, is_rank_zero
 
 __all__ = [
     "Action",
@@ -672,10 +673,16 @@ class ProgressBar(Periodic):
 
     Between intervals it does nothing, so it never syncs the device. It shows
     the latest published ``train/*`` and ``val/*`` values. Under
-    ``torch.distributed`` only rank 0 draws it.
+    ``torch.distributed`` only rank 0 draws it. On a terminal the bar stays at the
+    bottom and :class:`ftrain.writers.Console` lines print above it. When its stream is
+    not a terminal (a pipe, CI, a cluster log) it never redraws: it prints the bar's text
+    as one plain line per interval, or nothing when a ``Console`` writer already prints
+    one.
 
     Args:
         every: the refresh interval (``fit`` uses ``log_every``).
+        plain: force the plain lines (``True``) or the bar (``False``); ``None``: by
+            whether the stream is a terminal.
         **tqdm_kwargs: passed to ``tqdm`` (e.g. ``file=``, ``disable=``, ``desc=``).
 
     Example:
@@ -693,19 +700,29 @@ class ProgressBar(Periodic):
 
     order = -5
 
-    def __init__(self, every: Every | int | float = 50, **tqdm_kwargs: Any):
+    def __init__(self, every: Every | int | float = 50, *, plain: bool | None = None, **tqdm_kwargs: Any):
         super().__init__(None, every)
         self.tqdm_kwargs = tqdm_kwargs
         self.file = tqdm_kwargs.get("file")
+        self.plain = plain
         self._bar: Any = None
+        self._lines: _PlainLines | None = None
 
     def start(self, run: Run) -> None:
         super().start(run)
         if not is_rank_zero():  # one bar per job, not one per process
             return
+        stream = self.file if self.file is not None else sys.stderr
+        plain = self.plain if self.plain is not None else not _is_terminal(stream)
+        kwargs = {"unit": "step", "dynamic_ncols": True, "desc": "fit", **self.tqdm_kwargs}
+        if plain:
+            if self.tqdm_kwargs.get("disable") or any(isinstance(w, Console) for w in run.writer.writers):
+                return  # the Console line is this interval's one line
+            kwargs = {"file": stream, **kwargs}
+            self._bar = self._lines = _PlainLines(total=run.num_steps, initial=run.step, start=run.time, **kwargs)
+            return
         from tqdm.auto import tqdm
 
-        kwargs = {"unit": "step", "dynamic_ncols": True, "desc": "fit", **self.tqdm_kwargs}
         self._bar = tqdm(total=run.num_steps, initial=run.step, **kwargs)
 
     def act(self, run: Run) -> None:
@@ -719,7 +736,10 @@ class ProgressBar(Periodic):
             if k != "train/steps_per_sec"
         }
         self._bar.set_postfix(shown, refresh=False)
-        self._bar.update(run.step - self._bar.n)
+        if self._lines is not None:
+            self._lines.show(run.step, run.time)
+        else:
+            self._bar.update(run.step - self._bar.n)
 
     def end(self, run: Run) -> None:
         if self._bar is not None:
@@ -729,7 +749,48 @@ class ProgressBar(Periodic):
     def abort(self, run: Run) -> None:
         if self._bar is not None:
             self._bar.close()
-            self._bar = None
+            self._bar = self._lines = None
+
+
+def _is_terminal(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
+
+
+_PLAIN_LINE = "{desc} {n_fmt}/{total_fmt} {percentage:3.0f}% [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
+_PLAIN_LINE_NO_TOTAL = "{desc} {n_fmt} [{elapsed}, {rate_fmt}{postfix}]"
+
+
+class _PlainLines:
+    """The progress bar's text (tqdm's ``format_meter``) as one plain line per refresh, never redrawn."""
+
+    def __init__(self, *, total: int | None, initial: int, start: float, file: Any, desc: str, unit: str, **_: Any):
+        self.total, self.n, self.start, self.file, self.desc, self.unit = total, initial, start, file, desc, unit
+        self.initial, self.postfix, self._shown_at = initial, "", None
+
+    def set_postfix(self, values: Mapping[str, str], refresh: bool = False) -> None:
+        self.postfix = ", ".join(f"{k}={v}" for k, v in values.items())
+
+    def show(self, step: int, now: float) -> None:
+        if step == self._shown_at:
+            return  # the end's refresh after an interval's: one line per step at most
+        from tqdm import tqdm
+
+        self.n, self._shown_at = step, step
+        elapsed = max(now - self.start, 0.0)
+        rate = (step - self.initial) / elapsed if elapsed > 0 else None
+        # tqdm's own text without the bar's blocks, which a log file shows as noise
+        shape = _PLAIN_LINE if self.total is not None else _PLAIN_LINE_NO_TOTAL
+        line = tqdm.format_meter(
+            step, self.total, elapsed, prefix=self.desc, unit=self.unit, rate=rate, postfix=self.postfix or None,
+            initial=self.initial, bar_format=shape,
+        )  # fmt: skip
+        print(line, file=self.file, flush=True)
+
+    def close(self) -> None:
+        """Nothing to clear: the lines stay."""
 
 
 class Profile(Action):
