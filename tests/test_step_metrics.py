@@ -106,14 +106,16 @@ def test_compiled_step_computes_them_in_its_one_graph(mlp_setup):
     eager = ftrain.make_train_step(mlp_setup.loss_fn, compile=False)
     schedule = schedules.warmup_cosine_decay(0.0, 1e-2, warmup_steps=3, decay_steps=50)
     state = make_mlp_state(0)
+    compiles = None
     for i, batch in enumerate(mlp_batches(3)):
         expected_state, expected = eager(state, batch)
         state, metrics = mlp_setup.train_step(state, batch)
+        compiles = compiles or mlp_setup.train_step.num_compiles  # (other tests may have compiled it already)
         for name in ("grad_norm", "lr"):
             assert float(metrics[name]) == pytest.approx(float(expected[name]), rel=1e-5)
         assert float(metrics["lr"]) == pytest.approx(float(schedule(torch.tensor(i))), rel=1e-6, abs=1e-12)
     assert float(metrics["grad_norm"]) > 0
-    assert mlp_setup.train_step.num_compiles <= 2  # pure and donating forms: nothing new for the metrics
+    assert mlp_setup.train_step.num_compiles == compiles  # the metrics change nothing from step to step
 
 
 def test_fit_logs_train_grad_norm_and_train_lr(tmp_path):
