@@ -38,6 +38,9 @@ from ._step import stack_states as stack_states
 from ._step import step_key as step_key
 from ._step import unstack_state as unstack_state
 from ._step import vmap_step as vmap_step
+from ._summary import ModuleSummary as ModuleSummary
+from ._summary import Summary as Summary
+from ._summary import summary as summary
 from ._tuning import LRFindResult as LRFindResult
 from ._tuning import find_batch_size as find_batch_size
 from ._tuning import lr_find as lr_find

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import KW_ONLY, dataclass
 from fractions import Fraction
@@ -40,12 +41,14 @@ from typing import Any
 import torch
 
 from . import tree
+from ._batches import to_device
 from ._evaluate import evaluate
 from ._run import Run
+from ._summary import Summary, peak_flops, summary
 from ._validate import check_int, check_number, check_one_of
 from .checkpoint import Checkpointer
 from .mesh import Mesh
-from .writers import format_scalar, is_rank_zero
+from .writers import Console, Histogram, format_scalar, is_rank_zero
 
 __all__ = [
     "Action",
@@ -680,10 +683,16 @@ class ProgressBar(Periodic):
 
     Between intervals it does nothing, so it never syncs the device. It shows
     the latest published ``train/*`` and ``val/*`` values. Under
-    ``torch.distributed`` only rank 0 draws it.
+    ``torch.distributed`` only rank 0 draws it. On a terminal the bar stays at the
+    bottom and :class:`ftrain.writers.Console` lines print above it. When its stream is
+    not a terminal (a pipe, CI, a cluster log) it never redraws: it prints the bar's text
+    as one plain line per interval, or nothing when a ``Console`` writer already prints
+    one.
 
     Args:
         every: the refresh interval (``fit`` uses ``log_every``).
+        plain: force the plain lines (``True``) or the bar (``False``); ``None``: by
+            whether the stream is a terminal.
         **tqdm_kwargs: passed to ``tqdm`` (e.g. ``file=``, ``disable=``, ``desc=``).
 
     Example:
@@ -701,19 +710,29 @@ class ProgressBar(Periodic):
 
     order = -5
 
-    def __init__(self, every: Every | int | float = 50, **tqdm_kwargs: Any):
+    def __init__(self, every: Every | int | float = 50, *, plain: bool | None = None, **tqdm_kwargs: Any):
         super().__init__(None, every)
         self.tqdm_kwargs = tqdm_kwargs
         self.file = tqdm_kwargs.get("file")
+        self.plain = plain
         self._bar: Any = None
+        self._lines: _PlainLines | None = None
 
     def start(self, run: Run) -> None:
         super().start(run)
         if not is_rank_zero():  # one bar per job, not one per process
             return
+        stream = self.file if self.file is not None else sys.stderr
+        plain = self.plain if self.plain is not None else not _is_terminal(stream)
+        kwargs = {"unit": "step", "dynamic_ncols": True, "desc": "fit", **self.tqdm_kwargs}
+        if plain:
+            if self.tqdm_kwargs.get("disable") or any(isinstance(w, Console) for w in run.writer.writers):
+                return  # the Console line is this interval's one line
+            kwargs = {"file": stream, **kwargs}
+            self._bar = self._lines = _PlainLines(total=run.num_steps, initial=run.step, start=run.time, **kwargs)
+            return
         from tqdm.auto import tqdm
 
-        kwargs = {"unit": "step", "dynamic_ncols": True, "desc": "fit", **self.tqdm_kwargs}
         self._bar = tqdm(total=run.num_steps, initial=run.step, **kwargs)
 
     def act(self, run: Run) -> None:
@@ -727,7 +746,10 @@ class ProgressBar(Periodic):
             if k != "train/steps_per_sec"
         }
         self._bar.set_postfix(shown, refresh=False)
-        self._bar.update(run.step - self._bar.n)
+        if self._lines is not None:
+            self._lines.show(run.step, run.time)
+        else:
+            self._bar.update(run.step - self._bar.n)
 
     def end(self, run: Run) -> None:
         if self._bar is not None:
@@ -737,7 +759,48 @@ class ProgressBar(Periodic):
     def abort(self, run: Run) -> None:
         if self._bar is not None:
             self._bar.close()
-            self._bar = None
+            self._bar = self._lines = None
+
+
+def _is_terminal(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
+
+
+_PLAIN_LINE = "{desc} {n_fmt}/{total_fmt} {percentage:3.0f}% [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
+_PLAIN_LINE_NO_TOTAL = "{desc} {n_fmt} [{elapsed}, {rate_fmt}{postfix}]"
+
+
+class _PlainLines:
+    """The progress bar's text (tqdm's ``format_meter``) as one plain line per refresh, never redrawn."""
+
+    def __init__(self, *, total: int | None, initial: int, start: float, file: Any, desc: str, unit: str, **_: Any):
+        self.total, self.n, self.start, self.file, self.desc, self.unit = total, initial, start, file, desc, unit
+        self.initial, self.postfix, self._shown_at = initial, "", None
+
+    def set_postfix(self, values: Mapping[str, str], refresh: bool = False) -> None:
+        self.postfix = ", ".join(f"{k}={v}" for k, v in values.items())
+
+    def show(self, step: int, now: float) -> None:
+        if step == self._shown_at:
+            return  # the end's refresh after an interval's: one line per step at most
+        from tqdm import tqdm
+
+        self.n, self._shown_at = step, step
+        elapsed = max(now - self.start, 0.0)
+        rate = (step - self.initial) / elapsed if elapsed > 0 else None
+        # tqdm's own text without the bar's blocks, which a log file shows as noise
+        shape = _PLAIN_LINE if self.total is not None else _PLAIN_LINE_NO_TOTAL
+        line = tqdm.format_meter(
+            step, self.total, elapsed, prefix=self.desc, unit=self.unit, rate=rate, postfix=self.postfix or None,
+            initial=self.initial, bar_format=shape,
+        )  # fmt: skip
+        print(line, file=self.file, flush=True)
+
+    def close(self) -> None:
+        """Nothing to clear: the lines stay."""
 
 
 class Profile(Action):
@@ -795,3 +858,184 @@ class Profile(Action):
         if self._prof is not None:
             self._prof.__exit__(None, None, None)
             self._prof = None
+
+
+class Summarize(Action):
+    """At the start of ``fit``: :func:`ftrain.summary` of the state, printed and published as ``summary/*``.
+
+    Publishes ``summary/params``, ``summary/trainable_params``, ``summary/frozen_params``,
+    ``summary/param_bytes``, ``summary/buffer_bytes`` and ``summary/flops_per_step`` (or
+    ``summary/flops_per_forward`` without a ``loss_fn``) at the first step, so every writer
+    records them. Nothing runs for real (fake tensors). The result stays on the action as
+    ``.summary`` (throughput and MFU need its FLOPs).
+
+    Args:
+        batch: one batch as the step gets it (its shapes and dtypes are used; it is moved to
+            the state's device first).
+        loss_fn: the train step's ``loss_fn``: FLOPs of the whole train step.
+        depth: the table's module depth (see :func:`ftrain.summary`).
+        print_table: print the table on rank 0.
+
+    Example:
+        >>> import torch, ftrain
+        >>> state = ftrain.TrainState.create(torch.nn.Linear(4, 2), ftrain.optim.sgd(0.1))
+        >>> run = Run(state=state)
+        >>> Summarize(torch.ones(8, 4), print_table=False).start(run)
+        >>> run.latest["summary/params"], run.latest["summary/flops_per_forward"]
+        (10.0, 128.0)
+    """
+
+    order = -30  # before the other actions' start: the table is printed above the progress bar
+    publishes = ("summary",)
+
+    def __init__(self, batch: Any, loss_fn: Callable | None = None, *, depth: int = 1, print_table: bool = True):
+        check_int(depth, "depth", who="Summarize")
+        self.batch, self.loss_fn, self.depth, self.print_table = batch, loss_fn, depth, print_table
+        self.summary: Summary | None = None
+
+    def start(self, run: Run) -> None:
+        batch = to_device(self.batch, tree.device_of(run.state))
+        self.summary = summary(run.state, batch, self.loss_fn, depth=self.depth)
+        if self.print_table and is_rank_zero():
+            print(self.summary)
+        run.publish("summary", self.summary.as_dict())
+
+
+class Throughput(Periodic):
+    """Publish ``train/samples_per_sec``, ``tokens_per_sec``, ``tflops``, ``mfu`` and peak memory.
+
+    Rates are over the interval since it last fired, from the loop's clock (``fit``'s log sync
+    makes them honest on an asynchronous device); no sync of its own. ``train/tflops`` is the
+    model FLOP/s achieved (FLOPs per step times steps per second), ``train/mfu`` that over the
+    peak; ``train/memory_gib`` is the peak memory allocated so far, where the device reports it
+    (CUDA).
+
+    Args:
+        batch_size: samples per step.
+        tokens_per_sample: tokens in one sample (a sequence length) for ``tokens_per_sec``.
+        flops_per_step: FLOPs of one train step, or a :class:`Summarize` action whose summary
+            has them (``fit(actions=[summarize, Throughput(..., flops_per_step=summarize)])``).
+        peak_flops: the device's peak FLOP/s for ``mfu``; ``None``: :func:`ftrain.summary`'s
+            ``peak_flops`` (a known GPU by name, else a measured matmul), measured once at start.
+        every: the interval (default 50 steps, ``fit``'s default ``log_every``).
+
+    Example:
+        >>> run = Run(state=None, step=0)
+        >>> meter = Throughput(batch_size=32, tokens_per_sample=128, flops_per_step=1e9, peak_flops=1e12, every=10)
+        >>> meter.start(run)
+        >>> for s in range(1, 11):  # a step every 0.5 s
+        ...     run.step, run.time = s, run.time + 0.5
+        ...     meter(run)
+        >>> {k: round(v, 3) for k, v in run.new.items()}
+        {'train/samples_per_sec': 64.0, 'train/tokens_per_sec': 8192.0, 'train/tflops': 0.002, 'train/mfu': 0.002}
+    """
+
+    order = -9  # right after LogMetrics, which syncs the device at the same steps
+    publishes = ("train",)
+
+    def __init__(
+        self,
+        batch_size: int,
+        *,
+        tokens_per_sample: int | None = None,
+        flops_per_step: float | Summarize | None = None,
+        peak_flops: float | None = None,
+        every: Every | int | float = 50,
+    ):
+        super().__init__(None, every)
+        self.batch_size = check_int(batch_size, "batch_size", who="Throughput")
+        self.tokens_per_sample = None if tokens_per_sample is None else check_int(
+            tokens_per_sample, "tokens_per_sample", who="Throughput"
+        )  # fmt: skip
+        if not (flops_per_step is None or isinstance(flops_per_step, Summarize)):
+            check_number(flops_per_step, "flops_per_step", who="Throughput", low=0)
+        if peak_flops is not None:
+            check_number(peak_flops, "peak_flops", who="Throughput", low=0, open_low=True)
+        self.flops_per_step, self.peak_flops = flops_per_step, peak_flops
+        self._since: tuple[int, float] | None = None
+
+    def start(self, run: Run) -> None:
+        super().start(run)
+        self._since = None
+        if self.flops_per_step is not None and self.peak_flops is None:
+            self.peak_flops = peak_flops(tree.device_of(run.state) if run.state is not None else "cpu")
+
+    def __call__(self, run: Run) -> None:
+        if self._since is None:
+            self._since = (run.step, run.time)  # the first step (compiling, warming up) is not a rate: start after it
+            return
+        super().__call__(run)
+
+    def act(self, run: Run) -> None:
+        steps, seconds = run.step - self._since[0], run.time - self._since[1]
+        self._since = (run.step, run.time)
+        if steps <= 0 or seconds <= 0:
+            return
+        rate = steps / seconds
+        values = {"samples_per_sec": rate * self.batch_size}
+        if self.tokens_per_sample is not None:
+            values["tokens_per_sec"] = rate * self.batch_size * self.tokens_per_sample
+        flops = self.flops_per_step
+        if isinstance(flops, Summarize):
+            flops = flops.summary.flops if flops.summary is not None else None
+        if flops is not None:
+            values["tflops"] = flops * rate / 1e12
+            values["mfu"] = flops * rate / self.peak_flops
+        device = tree.device_of(run.state) if run.state is not None else torch.device("cpu")
+        if device.type == "cuda":
+            values["memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        run.publish("train", values)
+
+
+class Histograms(Periodic):
+    """Every ``every`` steps: a histogram of each param tensor, to the writers' ``write_histograms``.
+
+    Off unless you add it (``fit(..., actions=[Histograms(every=500)])``). The counts are made on
+    the device (``bins`` equal bins between each tensor's min and max) and all tensors' numbers
+    come to the host in one copy: one sync per firing. Written as ``params/<name>``
+    (:class:`ftrain.writers.Histogram`); writers without ``write_histograms`` skip them.
+
+    Args:
+        every: the interval (an int is steps).
+        bins: bins per histogram.
+
+    Example:
+        >>> import torch, ftrain
+        >>> state = ftrain.TrainState.create(torch.nn.Linear(3, 2), ftrain.optim.sgd(0.1))
+        >>> h = param_histograms(state.params, bins=4)["params/weight"]
+        >>> h.num, len(h.counts), sum(h.counts)
+        (6, 4, 6.0)
+    """
+
+    order = -8
+
+    def __init__(self, every: Every | int | float = 500, *, bins: int = 64):
+        super().__init__(None, every)
+        self.bins = check_int(bins, "bins", who="Histograms")
+
+    def act(self, run: Run) -> None:
+        run.writer.write_histograms(run.step, param_histograms(run.state.params, bins=self.bins))
+
+
+def param_histograms(params: Mapping[str, torch.Tensor], *, bins: int = 64) -> dict[str, Histogram]:
+    """``params/<name>`` -> :class:`ftrain.writers.Histogram` for each float tensor, counted on its device, one copy."""
+    names, rows = [], []
+    for name, p in params.items():
+        if not (isinstance(p, torch.Tensor) and p.is_floating_point() and p.numel()):
+            continue
+        x = p.detach().reshape(-1).float()
+        lo, hi = x.min(), x.max()
+        width = torch.clamp((hi - lo) / bins, min=torch.finfo(torch.float32).tiny)
+        index = ((x - lo) / width).long().clamp(0, bins - 1)  # the max falls in the last bin
+        counts = torch.bincount(index, minlength=bins).float()
+        stats = torch.stack([lo, hi, torch.tensor(float(x.numel()), device=x.device), x.sum(), x.square().sum(), width])
+        names.append(name)
+        rows.append(torch.cat([stats, counts]))
+    if not rows:
+        return {}
+    host = torch.stack([r.to(rows[0].device) for r in rows]).tolist()  # the one sync
+    out = {}
+    for name, (lo, hi, num, total, squares, width, *counts) in zip(names, host):
+        edges = [lo + i * width for i in range(bins + 1)]
+        out[f"params/{name}"] = Histogram(lo, hi, int(num), total, squares, edges, counts)
+    return out

@@ -2,7 +2,10 @@
 
 A writer has four methods: ``write_scalars(step, scalars)``, ``write_hparams(hparams)``,
 ``flush()`` and ``close()`` (:class:`Writer`). The loop hands them host floats that it
-has already synced at a log interval, so writing never touches the device.
+has already synced at a log interval, so writing never touches the device. A writer may
+also have ``write_images(step, images)``, ``write_histograms(step, histograms)`` and
+``write_text(step, texts)`` (:class:`TensorBoard` does); :class:`MultiWriter` skips the
+writers without them.
 
 Under ``torch.distributed`` only rank 0 writes: every writer here checks the rank on
 each call, so the same script runs unchanged under ``torchrun``.
@@ -26,7 +29,7 @@ import math
 import os
 import sys
 from collections.abc import Iterable, Mapping
-from typing import IO, Any, Protocol, runtime_checkable
+from typing import IO, Any, NamedTuple, Protocol, runtime_checkable
 
 import torch
 
@@ -251,6 +254,22 @@ class CSV:
         """Nothing is held open."""
 
 
+class Histogram(NamedTuple):
+    """A histogram already counted (on the device, then copied once): what ``write_histograms`` takes.
+
+    ``counts[i]`` values fell in ``[edges[i], edges[i + 1])``; ``min``, ``max``, ``num``, ``sum``
+    and ``sum_squares`` describe all the values (TensorBoard's raw histogram fields).
+    """
+
+    min: float
+    max: float
+    num: int
+    sum: float
+    sum_squares: float
+    edges: list[float]
+    counts: list[float]
+
+
 class TensorBoard:
     """Scalars and hyperparameters to a TensorBoard log directory (``torch.utils.tensorboard``).
 
@@ -302,6 +321,36 @@ class TensorBoard:
             self._writer.file_writer.add_summary(summary)
         self._writer.add_text("hparams", "\n".join(f"    {k} = {v}" for k, v in flat.items()))
 
+    def write_images(self, step: int, images: Mapping[str, torch.Tensor]) -> None:
+        """``add_image`` per ``(C, H, W)`` tensor, ``add_images`` per ``(N, C, H, W)`` batch (floats in [0, 1] or uint8)."""
+        if self._writer is None:
+            return
+        for name, image in images.items():
+            image = image.detach().cpu()
+            if image.dim() == 4:
+                self._writer.add_images(name, image, global_step=int(step))
+            else:
+                self._writer.add_image(name, image, global_step=int(step))
+
+    def write_histograms(self, step: int, histograms: Mapping[str, Histogram | torch.Tensor]) -> None:
+        """A :class:`Histogram` (counts already made, e.g. on the device) or a tensor of values per name."""
+        if self._writer is None:
+            return
+        for name, h in histograms.items():
+            if isinstance(h, Histogram):
+                self._writer.add_histogram_raw(
+                    name, h.min, h.max, h.num, h.sum, h.sum_squares, h.edges[1:], h.counts, global_step=int(step)
+                )
+            else:
+                self._writer.add_histogram(name, h.detach().cpu(), global_step=int(step))
+
+    def write_text(self, step: int, texts: Mapping[str, str]) -> None:
+        """``add_text`` per name (TensorBoard renders markdown)."""
+        if self._writer is None:
+            return
+        for name, text in texts.items():
+            self._writer.add_text(name, text, global_step=int(step))
+
     def flush(self) -> None:
         """Flush the event file."""
         if self._writer is not None:
@@ -347,6 +396,24 @@ class MultiWriter:
         """Write to each writer."""
         for w in self.writers:
             w.write_hparams(hparams)
+
+    def write_images(self, step: int, images: Mapping[str, torch.Tensor]) -> None:
+        """Write to each writer that has ``write_images`` (the others skip them)."""
+        self._optional("write_images", step, images)
+
+    def write_histograms(self, step: int, histograms: Mapping[str, Any]) -> None:
+        """Write to each writer that has ``write_histograms`` (the others skip them)."""
+        self._optional("write_histograms", step, histograms)
+
+    def write_text(self, step: int, texts: Mapping[str, str]) -> None:
+        """Write to each writer that has ``write_text`` (the others skip them)."""
+        self._optional("write_text", step, texts)
+
+    def _optional(self, method: str, step: int, values: Mapping[str, Any]) -> None:
+        for w in self.writers:
+            write = getattr(w, method, None)
+            if callable(write):
+                write(step, values)
 
     def flush(self) -> None:
         """Flush each writer."""

@@ -45,7 +45,7 @@ def test_compiled_step_equals_eager_per_step_and_never_recompiles(mlp_setup):
         state, metrics = train_step(state, batch)
         assert tree.allclose(state, expected, rtol=1e-5, atol=1e-6)
         assert tree.allclose(metrics, expected_metrics, rtol=1e-5, atol=1e-6)
-        assert set(metrics) == {"loss", "accuracy"} and all(m.dim() == 0 for m in metrics.values())
+        assert set(metrics) == {"loss", "accuracy", "grad_norm", "lr"} and all(m.dim() == 0 for m in metrics.values())
     assert int(state.step) == 8
     assert train_step.num_compiles == compiles, "a step after the first compiled a new graph"
 

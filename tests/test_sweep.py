@@ -68,8 +68,14 @@ def test_a_sweep_resumes_exactly_from_its_checkpoint(tmp_path):
         step = sweep.train_step(ftrain.make_train_step(loss_fn, compile=False), compile=False)
         manager = ftrain.CheckpointManager(directory, save_every=3, async_save=False, config={"n": 3})
         with manager:
-            return ftrain.fit(state, step, ftrain.data.Loader(dataset(), 16, seed=2), num_steps=num_steps,
-                              checkpoint=manager, progress=False)
+            return ftrain.fit(
+                state,
+                step,
+                ftrain.data.Loader(dataset(), 16, seed=2),
+                num_steps=num_steps,
+                checkpoint=manager,
+                progress=False,
+            )
 
     whole = run(tmp_path / "whole", 7)
     first = run(tmp_path / "split", 4)  # interrupted after step 4 (saved at 3 and at its end)
@@ -107,7 +113,9 @@ def test_best_member_comes_back_as_an_ordinary_train_state():
     i, member = sweep.best(state, metrics, "loss")
     assert i == 1 and state.setting(i) == {"learning_rate": 3e-2}
     assert isinstance(member, ftrain.TrainState) and member.params["0.weight"].shape == (16, N_FEATURES)
-    alone = ftrain.evaluate(member, ftrain.make_eval_step(loss_fn, compile=False), ftrain.data.Loader(dataset(), 64, shuffle=False))
+    alone = ftrain.evaluate(
+        member, ftrain.make_eval_step(loss_fn, compile=False), ftrain.data.Loader(dataset(), 64, shuffle=False)
+    )
     assert alone["loss"] == pytest.approx(metrics["loss/1"], rel=1e-5)
     with pytest.raises(KeyError, match="no per-member metric 'acc/0'.*'loss'"):
         sweep.best(state, {"loss/0": 1.0, "loss/1": 2.0}, "acc")
@@ -118,9 +126,17 @@ def test_members_stop_early_on_their_own():
     step = sweep.train_step(ftrain.make_train_step(loss_fn, compile=False), compile=False)
     evaluate = sweep.eval_step(ftrain.make_eval_step(loss_fn, compile=False), compile=False)
     stopper = sweep.EarlyStopMembers("val/loss", patience=1)
-    state = ftrain.fit(state, step, ftrain.data.Loader(dataset(), 16, seed=0), num_steps=12, eval_step=evaluate,
-                       eval_data=ftrain.data.Loader(dataset(), 64, shuffle=False), eval_every=4,
-                       actions=[stopper], progress=False)
+    state = ftrain.fit(
+        state,
+        step,
+        ftrain.data.Loader(dataset(), 16, seed=0),
+        num_steps=12,
+        eval_step=evaluate,
+        eval_data=ftrain.data.Loader(dataset(), 64, shuffle=False),
+        eval_every=4,
+        actions=[stopper],
+        progress=False,
+    )
     assert list(stopper.stopped) == [0]  # learning rate 0 never improves
     assert state.active.tolist() == [False, True]
 
@@ -141,7 +157,9 @@ def test_a_schedule_peak_is_swept_through_an_injected_factory():
 
 
 def test_bad_settings_are_named():
-    with pytest.raises(ValueError, match=r"sets \['momentum'\].*\(b1, b2, eps, learning_rate, weight_decay\).*init_scale"):
+    with pytest.raises(
+        ValueError, match=r"sets \['momentum'\].*\(b1, b2, eps, learning_rate, weight_decay\).*init_scale"
+    ):
         sweep.create(make_model, TX, sweep.grid(momentum=[0.9, 0.99]))
     with pytest.raises(ValueError, match="not built by optim.inject_hyperparams"):
         sweep.create(make_model, optim.adam(1e-3), sweep.grid(learning_rate=[0.1]))

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from .. import random, tree
+from .. import optim, random, tree
 from .._module import BoundApply, ModuleApply
 from .._state import TrainState
 from ..precision import Policy
@@ -129,9 +129,12 @@ def loss_and_grad(
 
 
 def train_core(
-    loss_fn: LossFn, policy: Policy, accumulate: int, mesh: Any
+    loss_fn: LossFn, policy: Policy, accumulate: int, mesh: Any, *, step_metrics: bool = True
 ) -> Callable[[TrainState, Any], tuple[TrainState, dict]]:
-    """The pure ``(state, batch) -> (new_state, metrics)`` that :func:`ftrain.make_train_step` compiles."""
+    """The pure ``(state, batch) -> (new_state, metrics)`` that :func:`ftrain.make_train_step` compiles.
+
+    With ``step_metrics`` the metrics also hold :func:`update_metrics`' ``grad_norm`` and ``lr``.
+    """
 
     def train_core(state: TrainState, batch: Any) -> tuple[TrainState, dict]:
         key = step_key(state)
@@ -162,7 +165,11 @@ def train_core(
             # One call, so the metrics and the new float buffers (BatchNorm's running stats, which
             # each rank updated from its own slice) ride in the gradients' packed all-reduce.
             grads, metrics, buffers = mesh.pmean((grads, metrics, buffers), like=(state.params, metrics, buffers))
-        new = state.apply_gradients(grads, buffers=buffers)
+        if step_metrics:
+            new, reported = optim.record(state.apply_gradients, grads, gradients=grads, buffers=buffers)
+            metrics = {**update_metrics(grads, reported), **metrics}
+        else:
+            new = state.apply_gradients(grads, buffers=buffers)
         if policy.loss_scaling:
             # Skip the update on overflow (keep params, optimizer state and buffers) and back off.
             finite = tree.all_finite(grads)
@@ -176,6 +183,25 @@ def train_core(
         return new, metrics
 
     return train_core
+
+
+def update_metrics(grads: dict, reported: dict) -> dict:
+    """A train step's default metrics: ``grad_norm`` and the learning rate(s) the update used.
+
+    ``grad_norm`` is the global L2 norm of the gradients the optimizer was given (after the
+    mesh's average and the loss scale's division): the one ``optim.clip_by_global_norm``
+    computed when it saw them first, else computed here. ``lr`` (``lr/<group>`` under
+    ``optim.partition``) is what the update reported (:func:`ftrain.optim.record`); an
+    optimizer without a learning rate reports none.
+
+    Example:
+        >>> import torch
+        >>> sorted(update_metrics({"w": torch.tensor([3.0, 4.0])}, {"lr": torch.tensor(0.1)}).items())
+        [('grad_norm', tensor(5.)), ('lr', tensor(0.1000))]
+    """
+    if "grad_norm" in reported:
+        return reported
+    return {"grad_norm": tree.global_norm(grads).detach().float(), **reported}
 
 
 def eval_core(loss_fn: LossFn, policy: Policy) -> Callable[[TrainState, Any], dict]:

@@ -24,6 +24,7 @@ def make_train_step(
     deterministic: bool = True,
     new_shapes: NewShapes = "error",
     backend: str | Callable = "inductor",
+    step_metrics: bool = True,
 ) -> TrainStep:
     """Build ``train_step(state, batch) -> (new_state, metrics)`` from a loss function.
 
@@ -55,6 +56,12 @@ def make_train_step(
             a clear error, e.g. for a partial last batch) or ``"recompile"`` (at most one more
             compile, with a dynamic batch dim).
         backend: the ``torch.compile`` backend.
+        step_metrics: add ``grad_norm`` (the global L2 norm of the gradients; the one
+            ``optim.clip_by_global_norm`` computes when it comes first in the chain) and
+            ``lr`` (the learning rate the update used; ``lr/<group>`` for each group of an
+            ``optim.partition``) to the metrics. They are computed inside the step, so they
+            cost no host sync; ``fit`` logs them as ``train/grad_norm`` and ``train/lr``. A
+            metric of the same name from ``loss_fn`` wins. ``False``: only the loss_fn's metrics.
 
     Example:
         >>> import torch, ftrain
@@ -64,14 +71,14 @@ def make_train_step(
         ...     return torch.nn.functional.cross_entropy(logits, batch[1]), {}, buffers
         >>> train_step = ftrain.make_train_step(loss_fn, compile=False)
         >>> new_state, metrics = train_step(state, (torch.randn(8, 4), torch.randint(0, 2, (8,))))
-        >>> int(new_state.step), sorted(metrics)
-        (1, ['loss'])
+        >>> int(new_state.step), sorted(metrics), round(float(metrics["lr"]), 6)
+        (1, ['grad_norm', 'loss', 'lr'], 0.1)
     """
     check_function(loss_fn, "make_train_step", LOSS_FN)
     check_int(accumulate, "accumulate", who="make_train_step")
     if mesh is not None and not callable(getattr(mesh, "pmean", None)):
         raise TypeError(f"make_train_step: mesh must be an ftrain.Mesh (with .pmean), got {type(mesh).__name__}")
-    core = train_core(loss_fn, Policy.coerce(precision), accumulate, mesh)
+    core = train_core(loss_fn, Policy.coerce(precision), accumulate, mesh, step_metrics=step_metrics)
     return TrainStep(core, compile=compile, deterministic=deterministic, new_shapes=new_shapes, backend=backend)
 
 

@@ -35,6 +35,8 @@ from ._base import Schedule as Schedule
 from ._base import apply_updates as apply_updates
 from ._base import chain as chain
 from ._base import identity as identity
+from ._report import record as record
+from ._report import report as report
 from ._transform import ClipByGlobalNormState as ClipByGlobalNormState
 from ._transform import EmaParamsState as EmaParamsState
 from ._transform import ScaleByAdamState as ScaleByAdamState
@@ -49,6 +51,7 @@ from ._transform import add_decayed_weights as add_decayed_weights
 from ._transform import clip as clip
 from ._transform import clip_by_global_norm as clip_by_global_norm
 from ._transform import ema_params as ema_params
+from ._transform import ema_state as ema_state
 from ._transform import scale as scale
 from ._transform import scale_by_adam as scale_by_adam
 from ._transform import scale_by_learning_rate as scale_by_learning_rate

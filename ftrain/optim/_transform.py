@@ -11,9 +11,11 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+import optree
 import torch
 
 from .. import tree
+from .._validate import check_int
 from ..tree import PyTree
 from ._base import (
     SCALAR_DTYPE,
@@ -27,6 +29,7 @@ from ._base import (
     need_params,
     zero_count,
 )
+from ._report import report, report_gradient_norm, report_learning_rate
 from ._wrappers import masked
 
 __all__ = [
@@ -148,8 +151,20 @@ def scale_by_learning_rate(learning_rate: ScalarOrSchedule, *, flip_sign: bool =
     check_hyperparam("scale_by_learning_rate", "learning_rate", learning_rate)
     sign = -1.0 if flip_sign else 1.0
     if callable(learning_rate):
-        return scale_by_schedule(lambda count: sign * torch.as_tensor(learning_rate(count)))
-    return scale(sign * learning_rate)
+
+        def rate(count: torch.Tensor) -> torch.Tensor:
+            value = torch.as_tensor(learning_rate(count))
+            report("lr", value)  # a train step's "lr" metric
+            return sign * value
+
+        return scale_by_schedule(rate)
+    fixed = scale(sign * learning_rate)
+
+    def update(updates: PyTree, state: EmptyState, params: PyTree = None) -> tuple[PyTree, EmptyState]:
+        report_learning_rate(learning_rate, updates)
+        return fixed.update(updates, state, params)
+
+    return GradientTransformation(fixed.init, update)
 
 
 # --- weight decay and momentum -----------------------------------------------------------
@@ -563,6 +578,7 @@ def clip_by_global_norm(max_norm: Scalar) -> GradientTransformation:
         if not tree.leaves(updates):
             return updates, state
         norm = tree.global_norm(updates)
+        report_gradient_norm(updates, norm)  # the step's "grad_norm" metric, when these are the raw gradients
         (coef,) = materialize(torch.clamp(max_norm / (norm + 1e-6), max=1.0))
         return tree.map(lambda u: u * coef.to(u.dtype), updates), state
 
@@ -579,7 +595,7 @@ class EmaParamsState(NamedTuple):
     ema: PyTree
 
 
-def ema_params(decay: Scalar = 0.999) -> GradientTransformation:
+def ema_params(decay: Scalar = 0.999, *, start_step: int = 0, warmup: bool = False) -> GradientTransformation:
     """Keep an exponential moving average of the *params after this update*; updates pass through.
 
     Put it last in a chain, so ``params + updates`` are the new params. Like
@@ -588,7 +604,16 @@ def ema_params(decay: Scalar = 0.999) -> GradientTransformation:
 
         ema <- decay * ema + (1 - decay) * (params + updates)
 
-    Read the average from the state (``opt_state[-1].ema`` for ``chain(..., ema_params(d))``).
+    Args:
+        decay: the average's decay.
+        start_step: the EMA copies the params for the first ``start_step + 1`` updates and
+            averages after that (the early, fast-moving params are not worth remembering).
+        warmup: use ``min(decay, (1 + n) / (10 + n))`` after ``n`` averaged updates
+            (``tf.train.ExponentialMovingAverage``'s ``num_updates``), so the average is not
+            dominated by the first params while ``decay`` is close to 1.
+
+    Read the average from the state (``opt_state[-1].ema`` for ``chain(..., ema_params(d))``),
+    or take the whole state with it as params with :func:`ema_state` (to evaluate or export).
 
     >>> import torch
     >>> from ftrain import optim
@@ -602,22 +627,58 @@ def ema_params(decay: Scalar = 0.999) -> GradientTransformation:
     tensor([-1.5000])
     """
     check_hyperparam("ema_params", "decay", decay, high=1.0)
+    check_int(start_step, "start_step", who="ema_params", low=0)
 
     def init(params: PyTree) -> EmaParamsState:
         return EmaParamsState(zero_count(params), tree.map(torch.clone, params))
 
     def update(updates: PyTree, state: EmaParamsState, params: PyTree = None):
         need_params("ema_params", params)
-        first = state.count == 0
+        copy = state.count <= start_step
+        rate = decay
+        if warmup:  # n >= 1 whenever it is used (it is not, while copying)
+            n = (state.count - start_step).to(SCALAR_DTYPE)
+            (rate,) = materialize(torch.clamp((1 + n) / (10 + n), max=decay))
 
         def average(e: torch.Tensor, p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
             new = (p + u).to(e.dtype)
-            return torch.where(first, new, torch.lerp(e, new, cast_like(_one_minus(decay), e)))
+            return torch.where(copy, new, torch.lerp(e, new, cast_like(_one_minus(rate), e)))
 
         ema = tree.map(average, state.ema, params, updates)
         return updates, EmaParamsState(state.count + 1, ema)
 
     return GradientTransformation(init, update)
+
+
+def ema_state(state: Any) -> Any:
+    """``state`` with the :func:`ema_params` average as its params: evaluate or export the EMA weights.
+
+    The result is an ordinary state (``ftrain.evaluate(ema_state(state), eval_step, data)``,
+    ``ema_state(state).to_module()``, ``ftrain.checkpoint.save_safetensors(ema_state(state), path)``);
+    the average's tensors are shared, not copied: train on with the original ``state``, and
+    clone the view (``tree.map(torch.clone, ...)``) to keep it while ``fit`` donates the state.
+
+    >>> import torch, ftrain
+    >>> from ftrain import optim
+    >>> state = ftrain.TrainState.create(torch.nn.Linear(1, 1), optim.chain(optim.sgd(0.1), ema_params(0.9)))
+    >>> ema_state(state).params["weight"] is state.opt_state[-1].ema["weight"]
+    True
+    """
+    found = [
+        node
+        for node in optree.tree_leaves(state.opt_state, is_leaf=_is_ema_state, namespace=tree.NAMESPACE)
+        if _is_ema_state(node)
+    ]
+    if len(found) != 1:
+        raise ValueError(
+            f"ema_state: the optimizer state holds {len(found)} optim.ema_params averages; it needs exactly one "
+            "(put optim.ema_params(decay) last in the optimizer's chain)"
+        )
+    return state.replace(params=dict(found[0].ema))
+
+
+def _is_ema_state(x: Any) -> bool:
+    return isinstance(x, EmaParamsState)
 
 
 def set_to_zero() -> GradientTransformation:

@@ -15,6 +15,7 @@ from .. import tree
 from .._validate import check_int, check_number
 from ..tree import PyTree
 from ._base import GradientTransformation, materialize, zero_count
+from ._report import record, report_group
 
 __all__ = [
     "ApplyIfFiniteState",
@@ -242,7 +243,10 @@ def partition(
         for lab, tx in transforms.items():
             flags = [x == lab for x in labels]
             sub_params = None if params is None else _select(params, flags)
-            sub_updates, new_states[lab] = tx.update(_select(updates, flags), state.inner_states[lab], sub_params)
+            (sub_updates, new_states[lab]), reported = record(
+                tx.update, _select(updates, flags), state.inner_states[lab], sub_params
+            )
+            report_group(lab, reported)  # one "lr/<label>" per group
             updates = _merge(updates, flags, sub_updates)
         return updates, PartitionState(new_states)
 

@@ -1,0 +1,77 @@
+"""What an update reports on the way: the learning rate it used and the gradient norm it clipped by.
+
+A train step wants these as metrics, but they are made deep inside a chain's closures and the
+optimizer state does not keep them (a constant learning rate is not state; the clipping norm is
+gone once the update returns). So a block :func:`report` s them to the innermost
+:func:`record` call around the update. Both are plain Python, run while ``torch.compile``
+traces the step: the reported tensors become outputs of the same graph (no host sync), and
+outside a :func:`record` a report does nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .. import tree
+from ..tree import PyTree
+
+_RECORDS: list[dict[str, Any]] = []
+_INPUTS = "<inputs>"  # the leaves record() was told are the raw gradients
+
+
+def record(fn: Callable[..., Any], *args: Any, gradients: PyTree = None, **kwargs: Any) -> tuple[Any, dict]:
+    """``(fn(*args, **kwargs), reported)``: the result and the tensors the update reported meanwhile.
+
+    ``reported`` maps a name (``"lr"``, ``"lr/<group>"`` under :func:`partition`, ``"grad_norm"``)
+    to a 0-d tensor. Pass the gradients the update starts from as ``gradients``: a
+    :func:`clip_by_global_norm` that sees exactly them reports its norm as ``"grad_norm"`` (one
+    further down a chain sees other numbers, and stays quiet).
+
+    Example:
+        >>> import torch
+        >>> from ftrain import optim
+        >>> tx = optim.chain(optim.clip_by_global_norm(10.0), optim.sgd(0.1))
+        >>> grads = {"w": torch.tensor([3.0, 4.0])}
+        >>> (updates, _), reported = record(tx.update, grads, tx.init(grads), gradients=grads)
+        >>> {k: round(float(v), 4) for k, v in reported.items()}
+        {'grad_norm': 5.0, 'lr': 0.1}
+    """
+    reported: dict[str, Any] = {_INPUTS: tree.leaves(gradients) if gradients is not None else None}
+    _RECORDS.append(reported)
+    try:
+        out = fn(*args, **kwargs)
+    finally:
+        _RECORDS.pop()
+    del reported[_INPUTS]
+    return out, reported
+
+
+def report(name: str, value: torch.Tensor) -> None:
+    """Hand ``value`` to the innermost :func:`record` as ``name`` (the first report of a name wins)."""
+    if _RECORDS:
+        _RECORDS[-1].setdefault(name, value.detach().to(torch.float32))
+
+
+def report_gradient_norm(updates: PyTree, norm: torch.Tensor) -> None:
+    """Report ``norm`` as ``"grad_norm"`` if ``updates`` are the raw gradients :func:`record` was given."""
+    if not _RECORDS:
+        return
+    raw = _RECORDS[-1][_INPUTS]
+    leaves = tree.leaves(updates)
+    if raw is not None and len(raw) == len(leaves) and all(a is b for a, b in zip(raw, leaves)):
+        report("grad_norm", norm)
+
+
+def report_learning_rate(learning_rate: Any, like: PyTree) -> None:
+    """Report a learning rate (a float or a 0-d tensor) as ``"lr"``, on the device of ``like``."""
+    if _RECORDS:
+        report("lr", torch.as_tensor(learning_rate, dtype=torch.float32, device=tree.device_of(like)))
+
+
+def report_group(label: str, reported: dict) -> None:
+    """Pass a group's reports up, ``"lr"`` as ``"lr/<label>"`` (one learning rate per group)."""
+    for name, value in reported.items():
+        report(f"{name}/{label}", value)
