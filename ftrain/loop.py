@@ -508,7 +508,7 @@ def fast_dev_run(
         ...     return out.pow(2).mean()
         >>> step = ftrain.make_train_step(loss_fn, compile=False)
         >>> sorted(fast_dev_run(state, step, [torch.ones(4, 2)] * 10))
-        ['train/loss', 'train/steps_per_sec']
+        ['train/grad_norm', 'train/loss', 'train/lr', 'train/steps_per_sec']
     """
     check_int(steps, "steps", who="fast_dev_run")
     seen: dict[str, float] = {}
