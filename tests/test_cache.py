@@ -1,0 +1,239 @@
+"""The persistent compiled-step cache: served across processes, keyed so it never goes stale, safe under faults.
+
+Compiles are what cost here, so one pair of fresh processes (tests/cache_worker.py, started at
+once on an empty cache) compiles the tiny step once for the whole module; the other tests read
+that cache (or a copy), and the invalidation tests compare keys, which is what a lookup goes by.
+"""
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import cache_worker
+import ftrain
+from ftrain._step import _cache
+from ftrain._step._cache import CachedCompile, Unfingerprintable, cache_dir, fingerprint, step_key_of
+
+WORKER = str(Path(__file__).with_name("cache_worker.py"))
+pytestmark = pytest.mark.slow
+
+
+def start_worker(directory: Path, out: Path) -> subprocess.Popen:
+    env = {**os.environ, "FTRAIN_CACHE_DIR": str(directory)}
+    return subprocess.Popen([sys.executable, WORKER, str(out)], env=env, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    """Two fresh processes building the same step at the same time on an empty cache."""
+    root = tmp_path_factory.mktemp("cache")
+    directory = root / "ftrain"
+    procs = [start_worker(directory, root / f"run{i}.pt") for i in range(2)]
+    errors = [p.communicate(timeout=600)[1] for p in procs]
+    for p, err in zip(procs, errors):
+        assert p.returncode == 0, err[-3000:]
+    runs = [torch.load(root / f"run{i}.pt") for i in range(2)]
+    return directory, runs, errors
+
+
+def key_of(**changes) -> str:
+    core, state, batches = cache_worker.build(**changes)
+    with cache_worker.step_mode():
+        return step_key_of(core, (state, batches[0]), {"backend": "inductor"})
+
+
+# -- Served across processes ------------------------------------------------------------------
+
+
+def test_a_second_process_serves_the_step_from_the_cache_and_ends_bitwise_equal(two_runs):
+    _, runs, _ = two_runs
+    compiled, served = sorted(runs, key=lambda r: -r["compiles"])
+    assert (compiled["compiles"], compiled["hits"]) == (1, 0)
+    assert (served["compiles"], served["hits"]) == (0, 1)  # no dynamo compile at all
+    assert ftrain.tree.equal(served["params"], compiled["params"])  # bitwise, against a fresh compile
+
+
+def test_two_processes_compiling_one_key_at_once_wait_for_one_compile_and_read_no_torn_file(two_runs):
+    directory, _, errors = two_runs
+    assert not any("could not be used" in err for err in errors)  # neither read a partial file
+    files = list((directory / "steps").rglob("*"))
+    assert [f.suffix for f in files if f.is_file()] == [".pt2"]  # one artifact, no temp file left
+
+
+def test_this_process_serves_the_step_from_the_cache_too(two_runs):
+    directory, runs, _ = two_runs
+    params, step = cache_worker.train(directory)
+    assert (step.count, step.hits) == (0, 1)
+    assert ftrain.tree.equal(params, runs[0]["params"])
+
+
+# -- Faults ------------------------------------------------------------------------------------
+
+
+def test_a_corrupt_artifact_is_compiled_afresh_with_one_warning_and_replaced(two_runs, tmp_path):
+    directory = tmp_path / "ftrain"
+    shutil.copytree(two_runs[0], directory)  # (with inductor's kernels: the recompile is cheap)
+    [path] = (directory / "steps").rglob("*.pt2")
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        params, step = cache_worker.train(directory)
+        again, step2 = cache_worker.train(directory)  # the replaced file now serves
+    [message] = [str(w.message) for w in caught if "could not be used" in str(w.message)]  # one warning
+    assert "checksum" in message and str(path) in message
+    assert (step.count, step.hits, step2.count, step2.hits) == (1, 0, 0, 1)
+    assert path.read_bytes() != bytes(data)
+    assert ftrain.tree.equal(params, two_runs[1][0]["params"]) and ftrain.tree.equal(again, params)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [lambda b: b[: len(b) // 3], lambda b: b"", lambda b: b[:-1], lambda b: b"x" + b[1:]],
+    ids=["truncated", "empty", "last-byte-missing", "bad-magic"],
+)
+def test_a_torn_or_foreign_file_is_never_read_as_a_step(tmp_path, damage):
+    store = _cache._Store(tmp_path)
+    key = "ab" + "0" * 38
+    store.write(key, b"payload" * 100)
+    assert store.read(key) == b"payload" * 100
+    path = store.path(key)
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(ValueError):
+        store.read(key)
+
+
+def test_writes_are_atomic_and_leave_no_temp_files(tmp_path):
+    store = _cache._Store(tmp_path)
+    key = "cd" + "1" * 38
+    store.write(key, b"old")
+    store.write(key, b"new")
+    assert store.read(key) == b"new"
+    assert [p.name for p in store.path(key).parent.iterdir()] == [store.path(key).name]
+
+
+def test_the_compile_lock_makes_a_second_process_wait(tmp_path):
+    store = _cache._Store(tmp_path)
+    order = []
+
+    def second():
+        with store.lock("k" * 40):  # (flock is per open file: a second open waits as another process would)
+            order.append("second")
+
+    with store.lock("k" * 40):
+        t = threading.Thread(target=second)
+        t.start()
+        t.join(0.3)
+        order.append("first")
+    t.join(5)
+    assert order == ["first", "second"]
+
+
+# -- The key: any ingredient changed is a miss ---------------------------------------------------
+
+
+def test_the_key_is_the_same_for_the_same_step_built_again():
+    assert key_of() == key_of()
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [{"lr": 2e-2}, {"width": 17}, {"dtype": torch.float64}, {"batch_size": 5}],
+    ids=["adamw-learning_rate", "layer-width", "dtype", "batch-shape"],
+)
+def test_changing_one_ingredient_changes_the_key(changes):
+    assert key_of(**changes) != key_of()
+
+
+def test_a_global_constant_the_loss_reads_is_in_the_key(monkeypatch):
+    base = key_of()
+    monkeypatch.setattr(cache_worker, "SCALE", 2.0)
+    assert key_of() != base
+
+
+def test_the_loss_functions_code_is_in_the_key(monkeypatch):
+    base = key_of()
+
+    def other_loss(apply, params, buffers, batch, key):
+        x, y = batch
+        logits, buffers = apply(params, buffers, x, key=key)
+        return torch.nn.functional.cross_entropy(logits, y, label_smoothing=0.1), {}, buffers
+
+    monkeypatch.setattr(cache_worker, "loss_fn", other_loss)
+    assert key_of() != base
+
+
+def test_the_torch_version_cpu_and_determinism_are_in_the_key(monkeypatch):
+    base = key_of()
+    with monkeypatch.context() as m:
+        m.setattr(torch, "__version__", torch.__version__ + ".post1")
+        assert key_of() != base
+    with monkeypatch.context() as m:
+        m.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "NO AVX")
+        assert key_of() != base
+    core, state, batches = cache_worker.build()
+    with torch.no_grad():  # deterministic algorithms off
+        assert step_key_of(core, (state, batches[0]), {"backend": "inductor"}) != base
+    assert key_of() == base
+
+
+def test_a_module_attribute_and_an_optimizer_constant_are_in_the_key():
+    def state_with(p: float, b1: float):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(p))
+        return ftrain.TrainState.create(model, ftrain.optim.adam(1e-3, b1=b1))
+
+    base = fingerprint(state_with(0.1, 0.9))
+    assert fingerprint(state_with(0.1, 0.9)) == base
+    assert fingerprint(state_with(0.2, 0.9)) != base
+    assert fingerprint(state_with(0.1, 0.8)) != base
+
+
+def test_tensor_values_are_not_in_the_key_but_their_metadata_is():
+    assert fingerprint(torch.zeros(3)) == fingerprint(torch.ones(3))
+    assert fingerprint(torch.zeros(3)) != fingerprint(torch.zeros(3, dtype=torch.float64))
+    assert fingerprint(torch.zeros(4)[::2]) != fingerprint(torch.zeros(2))  # strides
+
+
+LOCK = threading.Lock()
+
+
+def uses_a_lock(x, lock=LOCK):
+    return x + 1
+
+
+def test_what_cannot_be_fingerprinted_is_compiled_uncached_and_says_why(tmp_path, caplog):
+    with pytest.raises(Unfingerprintable):
+        fingerprint(LOCK)
+    step = CachedCompile(uses_a_lock, backend="aot_eager", directory=tmp_path)
+    with caplog.at_level(logging.DEBUG, logger=_cache.__name__):
+        assert torch.equal(step(torch.zeros(2)), torch.ones(2))
+    assert "without the cache" in caplog.text and "lock" in caplog.text
+    assert step.count == 1 and not (tmp_path / "steps").exists()
+
+
+# -- Where it lives -----------------------------------------------------------------------------
+
+
+def test_the_cache_lives_under_the_users_cache_home_not_a_temp_dir(monkeypatch, tmp_path):
+    monkeypatch.delenv("FTRAIN_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert cache_dir() == tmp_path / "ftrain"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert cache_dir() == Path.home() / ".cache" / "ftrain"
+    monkeypatch.setenv("FTRAIN_CACHE_DIR", str(tmp_path / "mine"))
+    assert cache_dir() == tmp_path / "mine"
+
+
+def test_inductors_kernels_persist_beside_the_steps(two_runs):
+    directory, _, _ = two_runs
+    assert any((directory / "inductor").rglob("*.so"))
