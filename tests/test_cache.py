@@ -14,10 +14,10 @@ import threading
 import warnings
 from pathlib import Path
 
+import cache_worker
 import pytest
 import torch
 
-import cache_worker
 import ftrain
 from ftrain._step import _cache
 from ftrain._step._cache import CachedCompile, Unfingerprintable, cache_dir, fingerprint, step_key_of
@@ -237,3 +237,31 @@ def test_the_cache_lives_under_the_users_cache_home_not_a_temp_dir(monkeypatch, 
 def test_inductors_kernels_persist_beside_the_steps(two_runs):
     directory, _, _ = two_runs
     assert any((directory / "inductor").rglob("*.so"))
+
+
+# -- Shapes that change ---------------------------------------------------------------------------
+
+
+def affine(x, w):
+    return (x @ w).relu().sum(0)
+
+
+def test_a_new_batch_size_compiles_once_more_with_a_dynamic_dim_that_serves_every_later_size(tmp_path):
+    w = torch.randn(3, 2)
+    step = CachedCompile(affine, backend="aot_eager", directory=tmp_path)
+    batches = [torch.randn(n, 3) for n in (4, 5, 6, 7)]
+    for x in batches:
+        assert torch.allclose(step(x, w), affine(x, w))
+    assert (step.count, step.hits) == (2, 0)
+    assert not hasattr(batches[1], "_dynamo_dynamic_indices")  # marked for its compile only
+    again = CachedCompile(affine, backend="aot_eager", directory=tmp_path)
+    assert again.prepare(torch.ones(4, 3), w)  # loaded: the call will not compile
+    for n in (4, 5, 9):
+        again(torch.ones(n, 3), w)
+    assert (again.count, again.hits) == (0, 2)
+
+
+def test_prepare_says_whether_a_call_would_compile(tmp_path):
+    step = CachedCompile(affine, backend="aot_eager", directory=tmp_path)
+    assert not step.prepare(torch.ones(2, 3), torch.ones(3, 2))
+    assert step.count == 0

@@ -240,11 +240,21 @@ class _Hasher:
             return self._put("op", str(obj))
         if hasattr(sys.modules.get("numpy"), "ndarray") and isinstance(obj, sys.modules["numpy"].ndarray):
             # (traced as a constant: its values are part of the graph)
-            return self._put("ndarray", obj.dtype, obj.shape, hashlib.blake2b(obj.tobytes(), digest_size=16).hexdigest())
+            return self._put(
+                "ndarray", obj.dtype, obj.shape, hashlib.blake2b(obj.tobytes(), digest_size=16).hexdigest()
+            )
         return self._instance(obj)
 
     def _tensor(self, t: torch.Tensor) -> None:
-        self._put("tensor", _qualname(type(t)), t.dtype, t.device, t.layout, t.requires_grad, isinstance(t, torch.nn.Parameter))
+        self._put(
+            "tensor",
+            _qualname(type(t)),
+            t.dtype,
+            t.device,
+            t.layout,
+            t.requires_grad,
+            isinstance(t, torch.nn.Parameter),
+        )
         if t.layout == torch.strided:
             self._put(tuple(t.shape), t.stride(), t.storage_offset() if t.device.type != "meta" else 0)
         else:
@@ -362,7 +372,10 @@ def _environment() -> tuple:
     # (Inductor's CPU kernels specialize on the thread count.)
     devices = ["cpu", torch.backends.cpu.get_cpu_capability(), torch.get_num_threads()]
     if torch.cuda.is_available():
-        devices += [(torch.cuda.get_device_name(i), torch.cuda.get_device_capability(i)) for i in range(torch.cuda.device_count())]
+        devices += [
+            (torch.cuda.get_device_name(i), torch.cuda.get_device_capability(i))
+            for i in range(torch.cuda.device_count())
+        ]
     return (
         FORMAT,
         sys.implementation.cache_tag,  # saved bytecode is per Python version
@@ -492,50 +505,66 @@ def _closure_data(fn: Callable) -> dict[str, Any]:
 class _Entry:
     """One loaded or freshly compiled function and the cheap check that it serves given inputs."""
 
-    __slots__ = ("compiled", "run", "_guards", "_locals", "_names")
+    __slots__ = ("compiled", "run", "shapes", "_guards", "_locals", "_names")
 
-    def __init__(self, compiled: Any, fn: Callable):
+    def __init__(self, compiled: Any, fn: Callable, args: tuple):
         self.compiled = compiled
         self.run = compiled.fn  # the traced code calling the compiled graph, without a second guard check
+        self.shapes = _shapes(args)
         self._guards = compiled._artifacts.guard_manager
         code = fn.__code__
         self._names = code.co_varnames[: code.co_argcount]
         self._locals = {name: cell.cell_contents for name, cell in zip(code.co_freevars, fn.__closure__ or ())}
 
     def serves(self, args: tuple) -> bool:
+        # The guards torch saved (tensor metadata, global state such as grad mode), checked
+        # without the bound-signature dict AOTCompiledFunction.__call__ builds on every call.
         return len(args) == len(self._names) and self._guards.check({**self._locals, **dict(zip(self._names, args))})
+
+
+def _shapes(args: tuple) -> list:
+    return [tuple(x.shape) if isinstance(x, torch.Tensor) else None for x in torch.utils._pytree.tree_leaves(args)]
 
 
 _WARNED: set[str] = set()
 
 
 class CachedCompile:
-    """``fn`` compiled whole (``fullgraph=True``), served from the persistent cache when it can be.
+    """``fn`` compiled whole, served from the persistent cache when it can be.
 
     Call it like ``fn``. The first call with new inputs computes the key (:func:`step_key_of`)
     and loads the saved function (no dynamo compile) or compiles it with ``aot_compile`` and
-    saves it; later calls with inputs of the same kind run it directly. ``count`` is the number
-    of dynamo compiles done in this process, ``hits`` the number of functions loaded from disk.
+    saves it; later calls with inputs of the same kind run it directly. Inputs whose shapes
+    differ from the first ones compile once more, with the differing dims dynamic, which serves
+    every later size (as ``torch.compile`` does). ``count`` is the number of dynamo compiles
+    done in this process, ``hits`` the number of functions loaded from disk.
 
     When ``fn`` cannot be cached (something it depends on has no fingerprint, the backend's
-    output cannot be saved, it needs a graph break), it is compiled as plain
-    ``torch.compile(fn, fullgraph=True, backend=...)`` would, and the reason is logged at debug
-    level.
+    output cannot be saved, it needs a graph break), it is compiled as plain ``torch.compile``
+    would, and the reason is logged at debug level.
 
     Args:
         fn: a pure function of its positional arguments (a step ``core(state, batch)``).
-        backend: a ``torch.compile`` backend name; ``"inductor"`` (and other AOTAutograd
-            backends) can be saved. A callable backend is compiled uncached.
-        options: more ``torch.compile`` keyword arguments (``mode``, ``options``, ``dynamic``);
-            part of the key.
+        backend: a ``torch.compile`` backend name; ``"inductor"`` and ``"aot_eager"`` can be
+            saved. Another backend (a callable) is compiled uncached.
+        fullgraph: passed to ``torch.compile`` when ``fn`` is compiled uncached; a cached
+            function is always one whole graph.
+        options: more ``torch.compile`` keyword arguments (``mode``, ``options``); part of the key.
         directory: the cache root (default :func:`cache_dir`, read at the first call).
     """
 
     def __init__(
-        self, fn: Callable, *, backend: str | Callable = "inductor", options: dict | None = None, directory: Path | str | None = None
+        self,
+        fn: Callable,
+        *,
+        backend: str | Callable = "inductor",
+        fullgraph: bool = True,
+        options: dict | None = None,
+        directory: Path | str | None = None,
     ):
         self.fn = fn
         self.backend = backend
+        self.fullgraph = fullgraph
         self.options = dict(options or {})
         self.count = 0
         self.hits = 0
@@ -550,25 +579,29 @@ class CachedCompile:
             return last.run(*args)
         if self._fallback is not None:
             return self._fallback(*args)
-        for entry in self._entries:
-            if entry.serves(args):
-                self._last = entry
-                return entry.run(*args)
-        entry = self._entry_for(args)
+        entry = self._find(args) or self._new_entry(args, compile=True)
         if entry is None:
             return self._fallback(*args)
-        self._entries.append(entry)
         self._last = entry
         return entry.run(*args)
 
+    def prepare(self, *args: Any) -> bool:
+        """Load the function for ``args`` from the cache if it is there: True when calling it will not compile."""
+        if self._fallback is not None:
+            return False
+        return (self._find(args) or self._new_entry(args, compile=False)) is not None
+
     # -- the slow path: key, load or compile, save --------------------------------------------
 
-    def _entry_for(self, args: tuple) -> _Entry | None:
-        why = self._uncacheable()
-        key = None
+    def _find(self, args: tuple) -> _Entry | None:
+        return next((entry for entry in self._entries if entry.serves(args)), None)
+
+    def _new_entry(self, args: tuple, *, compile: bool) -> _Entry | None:
+        dynamic = self._dynamic_dims(args)
+        key, why = None, self._uncacheable()
         if why is None:
             try:
-                key = step_key_of(self.fn, args, {"backend": self.backend, **self.options})
+                key = step_key_of(self.fn, args, {"backend": self.backend, "dynamic": dynamic, **self.options})
             except Unfingerprintable as e:
                 why = str(e)
         if key is None:
@@ -576,13 +609,30 @@ class CachedCompile:
             self._fallback = self._plain()
             return None
         store = _Store(Path(self._directory) if self._directory is not None else cache_dir())
-        entry = self._load(store, key)
-        if entry is None:
+        entry = self._load(store, key, args)
+        if entry is None and compile:
             with store.lock(key):
-                entry = self._load(store, key)  # another process may have saved it while we waited
+                entry = self._load(store, key, args)  # another process may have saved it while we waited
                 if entry is None:
-                    entry = self._compile_and_save(store, key, args)
+                    entry = self._compile_and_save(store, key, args, dynamic)
+        if entry is not None:
+            self._entries.append(entry)
         return entry
+
+    def _dynamic_dims(self, args: tuple) -> list[tuple[int, int]]:
+        """``(leaf, dim)`` pairs whose size differs from the first entry's inputs: compiled dynamic."""
+        if not self._entries:
+            return []
+        first, now = self._entries[0].shapes, _shapes(args)
+        if len(first) != len(now):
+            return []
+        return [
+            (i, d)
+            for i, (a, b) in enumerate(zip(first, now))
+            if a is not None and b is not None and len(a) == len(b)
+            for d in range(len(a))
+            if a[d] != b[d]
+        ]
 
     def _uncacheable(self) -> str | None:
         if not isinstance(self.fn, types.FunctionType):
@@ -594,9 +644,9 @@ class CachedCompile:
     def _plain(self) -> Callable:
         counter = _Counter(self)
         backend = torch._dynamo.lookup_backend(self.backend) if isinstance(self.backend, str) else self.backend
-        return torch.compile(self.fn, fullgraph=True, backend=counter.wrap(backend), **self.options)
+        return torch.compile(self.fn, fullgraph=self.fullgraph, backend=counter.wrap(backend), **self.options)
 
-    def _load(self, store: _Store, key: str) -> _Entry | None:
+    def _load(self, store: _Store, key: str, args: tuple) -> _Entry | None:
         path = store.path(key)
         try:
             payload = store.read(key)
@@ -607,26 +657,32 @@ class CachedCompile:
                 compiled = torch.compiler.load_compiled_function(
                     io.BytesIO(payload), f_globals=self.fn.__globals__, external_data=_closure_data(self.fn)
                 )
-            entry = _Entry(compiled, self.fn)
+            entry = _Entry(compiled, self.fn, args)
+            if not entry.serves(args):
+                raise ValueError("its guards reject these inputs")
         except Exception as e:  # a torn, corrupt or incompatible artifact is only a miss
             if key not in _WARNED:
                 _WARNED.add(key)
                 reason = f"{type(e).__name__}: {e}".splitlines()[0][:300]
-                warnings.warn(MSG_CORRUPT.format(path=path, reason=reason, root=store.root), RuntimeWarning, stacklevel=4)
+                warnings.warn(
+                    MSG_CORRUPT.format(path=path, reason=reason, root=store.root), RuntimeWarning, stacklevel=5
+                )
             return None
         self.hits += 1
         log.debug("ftrain cache: %s served from %s", _name(self.fn), path)
         return entry
 
-    def _compile_and_save(self, store: _Store, key: str, args: tuple) -> _Entry | None:
+    def _compile_and_save(self, store: _Store, key: str, args: tuple, dynamic: list) -> _Entry | None:
         torch_compile = torch.compile(self.fn, fullgraph=True, backend=self.backend, **self.options)
-        with store.inductor_dir():
+        with store.inductor_dir(), _marked_dynamic(args, dynamic):
             try:
                 compiled = torch_compile.aot_compile((args, {}))
             except Exception as e:
-                # aot_compile is stricter than torch.compile (e.g. a guard it cannot save):
-                # compile the usual way; a real error in the step resurfaces there.
-                log.debug("ftrain cache: %s cannot be compiled ahead of time (%s: %s)", _name(self.fn), type(e).__name__, e)
+                # aot_compile is stricter than torch.compile (a graph break, a guard it cannot
+                # save): compile the usual way; a real error in the step resurfaces there.
+                log.debug(
+                    "ftrain cache: %s cannot be compiled ahead of time (%s: %s)", _name(self.fn), type(e).__name__, e
+                )
                 self._fallback = self._plain()
                 return None
             self.count += 1
@@ -637,7 +693,21 @@ class CachedCompile:
             else:
                 store.write(key, payload)
                 log.debug("ftrain cache: %s saved to %s", _name(self.fn), store.path(key))
-        return _Entry(compiled, self.fn)
+        return _Entry(compiled, self.fn, args)
+
+
+@contextlib.contextmanager
+def _marked_dynamic(args: tuple, dims: list[tuple[int, int]]) -> Iterator[None]:
+    """Mark ``(leaf, dim)`` of ``args`` dynamic for one trace, and unmark them after."""
+    leaves = torch.utils._pytree.tree_leaves(args)
+    marked = [leaves[i] for i, _ in dims if not hasattr(leaves[i], "_dynamo_dynamic_indices")]
+    for i, d in dims:
+        torch._dynamo.mark_dynamic(leaves[i], d)
+    try:
+        yield
+    finally:
+        for t in marked:
+            del t._dynamo_dynamic_indices
 
 
 class _Counter:
