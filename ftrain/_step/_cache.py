@@ -24,8 +24,10 @@ import contextlib
 import hashlib
 import importlib.metadata
 import io
+import json
 import logging
 import os
+import shutil
 import sys
 import sysconfig
 import time
@@ -364,13 +366,21 @@ def fingerprint(*objs: Any) -> str:
     return h.hexdigest()
 
 
+def _cpu_features() -> tuple:
+    """The CPU's vector instruction sets, as inductor sees them (AVX512 with or without BF16, VNNI, AMX)."""
+    checks = ("_is_avx512_supported", "_is_avx512_bf16_supported", "_is_vnni_supported", "_is_amx_tile_supported",
+              "_is_amx_fp16_supported", "_is_avx2_supported")  # fmt: skip
+    flags = tuple(name for name in checks if getattr(torch.cpu, name, lambda: False)())
+    return (torch.backends.cpu.get_cpu_capability(), *flags)
+
+
 def _environment() -> tuple:
     """What the process contributes to a graph: versions, the machine, and global settings."""
     import torch._dynamo.config as dynamo_config
     import torch._inductor.config as inductor_config
 
     # (Inductor's CPU kernels specialize on the thread count.)
-    devices = ["cpu", torch.backends.cpu.get_cpu_capability(), torch.get_num_threads()]
+    devices = ["cpu", _cpu_features(), torch.get_num_threads()]
     if torch.cuda.is_available():
         devices += [
             (torch.cuda.get_device_name(i), torch.cuda.get_device_capability(i))
@@ -441,16 +451,7 @@ class _Store:
     def write(self, key: str, payload: bytes) -> None:
         path = self.path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                f.write(_MAGIC + key[:32].encode() + hashlib.blake2b(payload, digest_size=32).digest() + payload)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)  # readers see the old file or the new one, never a part
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+        _atomic_write(path, _MAGIC + key[:32].encode() + hashlib.blake2b(payload, digest_size=32).digest() + payload)
 
     @contextlib.contextmanager
     def lock(self, key: str) -> Iterator[None]:
@@ -484,8 +485,67 @@ class _Store:
         """Point inductor's cache at ours while ftrain compiles or loads: the kernels must persist with the step."""
         from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir
 
-        with temporary_cache_dir(str(self.inductor)):
+        with temporary_cache_dir(str(self.inductor)), self._recorded_isa_probes():
             yield
+
+    @contextlib.contextmanager
+    def _recorded_isa_probes(self) -> Iterator[None]:
+        """Answer inductor's CPU vector-ISA probes from what an earlier process on this machine found.
+
+        On its first use in a process inductor checks each ISA the CPU reports by building a
+        test library and loading it in a child Python (about a second in all, on every warm
+        start). The answers depend only on the machine, torch and the compiler, which key the
+        record; an unrecorded probe runs as usual and is added.
+        """
+        try:
+            from torch._inductor import config as inductor_config
+            from torch._inductor.cpu_vec_isa import VecISA
+        except ImportError:
+            yield
+            return
+        probe = VecISA.__dict__.get("check_build")
+        if not callable(probe):  # (another torch: probe as it does)
+            yield
+            return
+        cxx = inductor_config.cpp.cxx
+        compilers = [shutil.which(c) for c in (cxx if isinstance(cxx, (list, tuple)) else [cxx]) if c]
+        compilers = [(c, os.stat(c).st_mtime) for c in compilers if c]  # (a compiler upgrade is a new record)
+        machine = fingerprint(torch.__version__, _cpu_features(), compilers, os.environ.get("CXX"))
+        path = self.root / "isa" / f"{machine}.json"
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            record = {}
+        learned = []
+
+        def check_build(isa: Any, code: str) -> bool:
+            key = f"{type(isa).__qualname__} {isa.build_arch_flags()} {hashlib.sha1(code.encode()).hexdigest()}"
+            if key not in record:
+                record[key] = bool(probe(isa, code))
+                learned.append(key)
+            return record[key]
+
+        VecISA.check_build = check_build
+        try:
+            yield
+        finally:
+            VecISA.check_build = probe
+            if learned:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                _atomic_write(path, json.dumps(record, indent=1).encode())
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # readers see the old file or the new one, never a part
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
 
 
 # ----------------------------------------------------------------------------------------------
