@@ -695,6 +695,8 @@ class CachedCompile:
         ]
 
     def _uncacheable(self) -> str | None:
+        if not hasattr(torch.compiler, "load_compiled_function"):
+            return f"torch {torch.__version__} cannot save compiled functions (torch.compiler.load_compiled_function)"
         if not isinstance(self.fn, types.FunctionType):
             return f"it is a {type(self.fn).__name__}, not a Python function"
         if not isinstance(self.backend, str) or self.backend not in ("inductor", "aot_eager"):
@@ -733,7 +735,10 @@ class CachedCompile:
         return entry
 
     def _compile_and_save(self, store: _Store, key: str, args: tuple, dynamic: list) -> _Entry | None:
-        torch_compile = torch.compile(self.fn, fullgraph=True, backend=self.backend, **self.options)
+        # ftrain's key stands for every guard but those on the inputs' tensors and the global
+        # state (grad mode, autocast): keep only these, which torch can save and check.
+        options = {**self.options, "options": {**self.options.get("options", {}), "guard_filter_fn": _portable_guards}}
+        torch_compile = torch.compile(self.fn, fullgraph=True, backend=self.backend, **options)
         with store.inductor_dir(), _marked_dynamic(args, dynamic):
             try:
                 compiled = torch_compile.aot_compile((args, {}))
@@ -754,6 +759,10 @@ class CachedCompile:
                 store.write(key, payload)
                 log.debug("ftrain cache: %s saved to %s", _name(self.fn), store.path(key))
         return _Entry(compiled, self.fn, args)
+
+
+def _portable_guards(entries: list) -> list[bool]:
+    return torch.compiler.keep_portable_guards_unsafe(entries)
 
 
 @contextlib.contextmanager
