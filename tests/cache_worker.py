@@ -2,13 +2,13 @@
 
     python tests/cache_worker.py OUT.pt          # FTRAIN_CACHE_DIR says where the cache is
 
-trains a few steps through the cache and saves the final params and how the step was served
-(``compiles``: dynamo compiles in this process; ``hits``: functions loaded from the cache).
+trains a few steps with ``make_train_step(loss_fn).donate`` (the cache is on by default) and
+saves the final params and ``num_compiles`` (dynamo compiles in this process: 0 when the step
+was served from the cache).
 """
 
 from __future__ import annotations
 
-import contextlib
 import sys
 
 import torch
@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from torch import nn
 
 import ftrain
-from ftrain._step._cache import CachedCompile
 
 SCALE = 1.0  # a global constant the loss reads: part of the cache key
 STEPS = 3
@@ -29,7 +28,7 @@ def loss_fn(apply, params, buffers, batch, key):
 
 
 def build(width: int = 16, lr: float = 1e-2, dtype: torch.dtype = torch.float32, batch_size: int = 4):
-    """``(core, state, batches)``: the same pure train step, state and data in every process."""
+    """``(state, batches)``: the same state and data in every process."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, width), nn.ReLU(), nn.Linear(width, 3)).to(dtype)
     state = ftrain.TrainState.create(model, ftrain.optim.adamw(lr), key=ftrain.random.key(0))
@@ -38,34 +37,22 @@ def build(width: int = 16, lr: float = 1e-2, dtype: torch.dtype = torch.float32,
         (torch.randn(batch_size, 8, generator=g, dtype=dtype), torch.randint(0, 3, (batch_size,), generator=g))
         for _ in range(STEPS)
     ]
-    return ftrain.make_train_step(loss_fn, compile=False).core, state, batches
+    return state, batches
 
 
-@contextlib.contextmanager
-def step_mode():
-    """What a compiled step runs under (no autograd recording, deterministic algorithms)."""
-    with torch.no_grad():
-        torch.use_deterministic_algorithms(True)
-        try:
-            yield
-        finally:
-            torch.use_deterministic_algorithms(False)
-
-
-def train(directory=None):
-    """Train through the cache; ``(final params, the CachedCompile)``."""
-    core, state, batches = build()
-    step = CachedCompile(core, directory=directory)
-    with step_mode():
-        for batch in batches:
-            state, _ = step(state, batch)
-    return state.params, step
+def train():
+    """Train through the cache in the form ``fit`` runs (donating); ``(final params, the train step)``."""
+    state, batches = build()
+    train_step = ftrain.make_train_step(loss_fn)
+    for batch in batches:
+        state, _ = train_step.donate(state, batch)
+    return state.params, train_step
 
 
 def main(out: str) -> None:
     torch.set_num_threads(2)  # as in conftest: inductor's CPU kernels specialize on it
     params, step = train()
-    torch.save({"params": params, "compiles": step.count, "hits": step.hits}, out)
+    torch.save({"params": params, "compiles": step.num_compiles}, out)
 
 
 if __name__ == "__main__":

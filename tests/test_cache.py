@@ -5,6 +5,7 @@ once on an empty cache) compiles the tiny step once for the whole module; the ot
 that cache (or a copy), and the invalidation tests compare keys, which is what a lookup goes by.
 """
 
+import contextlib
 import logging
 import os
 import shutil
@@ -44,9 +45,21 @@ def two_runs(tmp_path_factory):
     return directory, runs, errors
 
 
+@contextlib.contextmanager
+def step_mode():
+    """What a compiled step runs under, so a key computed here is the step's own."""
+    with torch.no_grad():
+        torch.use_deterministic_algorithms(True)
+        try:
+            yield
+        finally:
+            torch.use_deterministic_algorithms(False)
+
+
 def key_of(**changes) -> str:
-    core, state, batches = cache_worker.build(**changes)
-    with cache_worker.step_mode():
+    state, batches = cache_worker.build(**changes)
+    core = ftrain.make_train_step(cache_worker.loss_fn, compile=False).core
+    with step_mode():
         return step_key_of(core, (state, batches[0]), {"backend": "inductor"})
 
 
@@ -55,43 +68,59 @@ def key_of(**changes) -> str:
 
 def test_a_second_process_serves_the_step_from_the_cache_and_ends_bitwise_equal(two_runs):
     _, runs, _ = two_runs
-    compiled, served = sorted(runs, key=lambda r: -r["compiles"])
-    assert (compiled["compiles"], compiled["hits"]) == (1, 0)
-    assert (served["compiles"], served["hits"]) == (0, 1)  # no dynamo compile at all
-    assert ftrain.tree.equal(served["params"], compiled["params"])  # bitwise, against a fresh compile
+    assert sorted(r["compiles"] for r in runs) == [0, 1]  # one compiled, the other did no dynamo compile
+    assert ftrain.tree.equal(runs[0]["params"], runs[1]["params"])  # bitwise, against a fresh compile
 
 
 def test_two_processes_compiling_one_key_at_once_wait_for_one_compile_and_read_no_torn_file(two_runs):
     directory, _, errors = two_runs
     assert not any("could not be used" in err for err in errors)  # neither read a partial file
-    files = list((directory / "steps").rglob("*"))
-    assert [f.suffix for f in files if f.is_file()] == [".pt2"]  # one artifact, no temp file left
+    files = [f for f in (directory / "steps").rglob("*") if f.is_file()]
+    assert [f.suffix for f in files] == [".pt2"]  # one artifact, no temp file left
 
 
-def test_this_process_serves_the_step_from_the_cache_too(two_runs):
+def test_this_process_serves_the_step_from_the_cache_too(two_runs, monkeypatch):
     directory, runs, _ = two_runs
-    params, step = cache_worker.train(directory)
-    assert (step.count, step.hits) == (0, 1)
+    monkeypatch.setenv("FTRAIN_CACHE_DIR", str(directory))
+    params, step = cache_worker.train()
+    assert step.num_compiles == 0
     assert ftrain.tree.equal(params, runs[0]["params"])
+
+
+def test_fit_compiles_only_the_donating_step_and_the_eval_step_when_it_first_evaluates(two_runs, tmp_path, monkeypatch):
+    directory = tmp_path / "ftrain"
+    shutil.copytree(two_runs[0], directory)  # holds the donating train step only
+    monkeypatch.setenv("FTRAIN_CACHE_DIR", str(directory))
+    state, batches = cache_worker.build()
+    train_step = ftrain.make_train_step(cache_worker.loss_fn)
+    eval_step = ftrain.make_eval_step(cache_worker.loss_fn, backend="aot_eager")  # (a cheap compile)
+    seen = []
+    ftrain.fit(
+        state, train_step, batches, num_steps=3, eval_step=eval_step, eval_data=batches[:1], eval_every=2,
+        progress=False, actions=[lambda run: seen.append(eval_step.num_compiles)],
+    )  # fmt: skip
+    assert train_step.num_compiles == 0  # the donating form, from the cache; the pure form never compiled
+    assert seen == [0, 1, 1]  # compiled by the first evaluation (step 2), not before
 
 
 # -- Faults ------------------------------------------------------------------------------------
 
 
-def test_a_corrupt_artifact_is_compiled_afresh_with_one_warning_and_replaced(two_runs, tmp_path):
+def test_a_corrupt_artifact_is_compiled_afresh_with_one_warning_and_replaced(two_runs, tmp_path, monkeypatch):
     directory = tmp_path / "ftrain"
     shutil.copytree(two_runs[0], directory)  # (with inductor's kernels: the recompile is cheap)
+    monkeypatch.setenv("FTRAIN_CACHE_DIR", str(directory))
     [path] = (directory / "steps").rglob("*.pt2")
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        params, step = cache_worker.train(directory)
-        again, step2 = cache_worker.train(directory)  # the replaced file now serves
+        params, step = cache_worker.train()
+        again, step2 = cache_worker.train()  # the replaced file now serves
     [message] = [str(w.message) for w in caught if "could not be used" in str(w.message)]  # one warning
     assert "checksum" in message and str(path) in message
-    assert (step.count, step.hits, step2.count, step2.hits) == (1, 0, 0, 1)
+    assert (step.num_compiles, step2.num_compiles) == (1, 0)
     assert path.read_bytes() != bytes(data)
     assert ftrain.tree.equal(params, two_runs[1][0]["params"]) and ftrain.tree.equal(again, params)
 
@@ -180,7 +209,8 @@ def test_the_torch_version_cpu_and_determinism_are_in_the_key(monkeypatch):
     with monkeypatch.context() as m:
         m.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "NO AVX")
         assert key_of() != base
-    core, state, batches = cache_worker.build()
+    state, batches = cache_worker.build()
+    core = ftrain.make_train_step(cache_worker.loss_fn, compile=False).core
     with torch.no_grad():  # deterministic algorithms off
         assert step_key_of(core, (state, batches[0]), {"backend": "inductor"}) != base
     assert key_of() == base

@@ -39,6 +39,8 @@ from typing import Any
 
 import torch
 
+from .. import tree
+
 __all__ = ["CachedCompile", "Unfingerprintable", "cache_dir", "fingerprint", "step_key_of"]
 
 log = logging.getLogger(__name__)
@@ -583,7 +585,7 @@ class _Entry:
 
 
 def _shapes(args: tuple) -> list:
-    return [tuple(x.shape) if isinstance(x, torch.Tensor) else None for x in torch.utils._pytree.tree_leaves(args)]
+    return [tuple(x.shape) if isinstance(x, torch.Tensor) else None for x in tree.traced_leaves(args)]
 
 
 _WARNED: set[str] = set()
@@ -768,7 +770,7 @@ def _portable_guards(entries: list) -> list[bool]:
 @contextlib.contextmanager
 def _marked_dynamic(args: tuple, dims: list[tuple[int, int]]) -> Iterator[None]:
     """Mark ``(leaf, dim)`` of ``args`` dynamic for one trace, and unmark them after."""
-    leaves = torch.utils._pytree.tree_leaves(args)
+    leaves = tree.traced_leaves(args)
     marked = [leaves[i] for i, _ in dims if not hasattr(leaves[i], "_dynamo_dynamic_indices")]
     for i, d in dims:
         torch._dynamo.mark_dynamic(leaves[i], d)

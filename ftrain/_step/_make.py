@@ -24,6 +24,7 @@ def make_train_step(
     deterministic: bool = True,
     new_shapes: NewShapes = "error",
     backend: str | Callable = "inductor",
+    cache: bool = True,
 ) -> TrainStep:
     """Build ``train_step(state, batch) -> (new_state, metrics)`` from a loss function.
 
@@ -55,6 +56,10 @@ def make_train_step(
             a clear error, e.g. for a partial last batch) or ``"recompile"`` (at most one more
             compile, with a dynamic batch dim).
         backend: the ``torch.compile`` backend.
+        cache: serve the compiled step from ftrain's persistent cache (``$FTRAIN_CACHE_DIR``,
+            by default ``~/.cache/ftrain``) when a process compiled it before, and save it
+            there when not, so a rerun starts without compiling. ``False`` compiles it in this
+            process, every time. See the Steps page for what the cache key covers.
 
     Example:
         >>> import torch, ftrain
@@ -72,7 +77,9 @@ def make_train_step(
     if mesh is not None and not callable(getattr(mesh, "pmean", None)):
         raise TypeError(f"make_train_step: mesh must be an ftrain.Mesh (with .pmean), got {type(mesh).__name__}")
     core = train_core(loss_fn, Policy.coerce(precision), accumulate, mesh)
-    return TrainStep(core, compile=compile, deterministic=deterministic, new_shapes=new_shapes, backend=backend)
+    return TrainStep(
+        core, compile=compile, deterministic=deterministic, new_shapes=new_shapes, backend=backend, cache=cache
+    )
 
 
 def make_eval_step(
@@ -83,6 +90,7 @@ def make_eval_step(
     deterministic: bool = True,
     new_shapes: NewShapes = "recompile",
     backend: str | Callable = "inductor",
+    cache: bool = True,
 ) -> EvalStep:
     """Build ``eval_step(state, batch) -> metrics`` from the same ``loss_fn`` as the train step.
 
@@ -102,7 +110,9 @@ def make_eval_step(
     """
     check_function(loss_fn, "make_eval_step", LOSS_FN)
     core = eval_core(loss_fn, Policy.coerce(precision))
-    return EvalStep(core, compile=compile, deterministic=deterministic, new_shapes=new_shapes, backend=backend)
+    return EvalStep(
+        core, compile=compile, deterministic=deterministic, new_shapes=new_shapes, backend=backend, cache=cache
+    )
 
 
 def make_predict_step(
@@ -113,6 +123,7 @@ def make_predict_step(
     deterministic: bool = True,
     new_shapes: NewShapes = "recompile",
     backend: str | Callable = "inductor",
+    cache: bool = True,
 ) -> PredictStep:
     """Build ``predict_step(state, batch) -> outputs`` (module in eval mode).
 
@@ -131,7 +142,9 @@ def make_predict_step(
         predict_fn = default_predict
     check_function(predict_fn, "make_predict_step", LOSS_FN)
     core = predict_core(predict_fn, Policy.coerce(precision))
-    return PredictStep(core, compile=compile, deterministic=deterministic, new_shapes=new_shapes, backend=backend)
+    return PredictStep(
+        core, compile=compile, deterministic=deterministic, new_shapes=new_shapes, backend=backend, cache=cache
+    )
 
 
 def compile_step(
@@ -141,11 +154,13 @@ def compile_step(
     deterministic: bool = True,
     new_shapes: NewShapes = "error",
     backend: str | Callable = "inductor",
+    cache: bool = True,
 ) -> TrainStep:
     """Compile your own pure ``fn(state, batch) -> (new_state, metrics)`` as a train step.
 
     It gets what :func:`make_train_step` gives: one graph, the fake-tensor check before the
-    first compile, ``.donate``, determinism, and the batch-shape policy. Build ``fn`` from
+    first compile, ``.donate``, determinism, the batch-shape policy and the persistent cache
+    (``cache=False`` opts out). Build ``fn`` from
     :func:`step_key`, :func:`loss_and_grad` and :meth:`TrainState.apply_gradients` (or
     ``tx.update`` + ``optim.apply_updates`` for a second optimizer); ``torch.func.vmap`` of a
     train step compiles too (an ensemble in one graph).
@@ -164,4 +179,6 @@ def compile_step(
         1
     """
     check_function(fn, "compile_step", "fn(state, batch) -> (state, metrics)")
-    return TrainStep(fn, compile=compile, deterministic=deterministic, new_shapes=new_shapes, backend=backend)
+    return TrainStep(
+        fn, compile=compile, deterministic=deterministic, new_shapes=new_shapes, backend=backend, cache=cache
+    )
