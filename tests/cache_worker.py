@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import sys
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import ftrain
+from ftrain._step._cache import cache_dir
 
 SCALE = 1.0  # a global constant the loss reads: part of the cache key
 STEPS = 3
@@ -47,6 +49,21 @@ def train():
     for batch in batches:
         state, _ = train_step.donate(state, batch)
     return state.params, train_step
+
+
+@pytest.fixture
+def cold_cache(tmp_path, monkeypatch):
+    """An empty step cache, for a test that counts compiles: a warm one would serve its steps.
+
+    Inductor's kernels stay shared (a link to the real cache's), so the compile stays cheap.
+    """
+    root = tmp_path / "ftrain-cache"
+    root.mkdir()
+    shared = cache_dir() / "inductor"
+    shared.mkdir(parents=True, exist_ok=True)
+    (root / "inductor").symlink_to(shared, target_is_directory=True)
+    monkeypatch.setenv("FTRAIN_CACHE_DIR", str(root))
+    return root
 
 
 def main(out: str) -> None:

@@ -247,6 +247,9 @@ class _Hasher:
             return self._put(
                 "ndarray", obj.dtype, obj.shape, hashlib.blake2b(obj.tobytes(), digest_size=16).hexdigest()
             )
+        if type(obj).__module__.startswith("torch.distributed"):
+            # (Its collectives bind process groups by name at trace time, per launch.)
+            raise Unfingerprintable(f"a step over a {type(obj).__name__} (a device mesh) is not cached")
         return self._instance(obj)
 
     def _tensor(self, t: torch.Tensor) -> None:
