@@ -119,11 +119,11 @@ def make_predict_step(
     predict_fn: LossFn | None = None,
     *,
     compile: bool = True,
+    cache: bool = True,
     precision: Policy | str | None = None,
     deterministic: bool = True,
     new_shapes: NewShapes = "recompile",
     backend: str | Callable = "inductor",
-    cache: bool = True,
 ) -> PredictStep:
     """Build ``predict_step(state, batch) -> outputs`` (module in eval mode).
 
