@@ -234,6 +234,25 @@ def test_tensor_values_are_not_in_the_key_but_their_metadata_is():
     assert fingerprint(torch.zeros(4)[::2]) != fingerprint(torch.zeros(2))  # strides
 
 
+def test_partials_namespaces_and_numpy_values_are_fingerprinted_and_c_objects_refused():
+    import collections
+    import functools
+    import types
+
+    import numpy as np
+
+    def add(a, b):
+        return a + b
+
+    assert fingerprint(functools.partial(add, 1)) != fingerprint(functools.partial(add, 2))
+    assert fingerprint(types.SimpleNamespace(lr=0.1)) != fingerprint(types.SimpleNamespace(lr=0.2))
+    assert fingerprint(np.float32(1)) != fingerprint(np.float32(2))
+    assert fingerprint(np.arange(3)) != fingerprint(np.arange(3) + 1)  # traced as a constant
+    for opaque in (threading.Lock(), collections.deque([1])):
+        with pytest.raises(Unfingerprintable):
+            fingerprint(opaque)
+
+
 LOCK = threading.Lock()
 
 

@@ -21,6 +21,7 @@ Deleting it is always safe.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.metadata
 import io
@@ -133,18 +134,14 @@ def _version_of(top: str) -> str:
     raise Unfingerprintable(f"the installed package {top!r} has no version to key its code by")
 
 
-_FTRAIN_HASH: list[str] = []
-
-
+@functools.cache
 def _ftrain_source_hash() -> str:
     # ftrain's own code by content, not by version: an editable install changes without a release.
-    if not _FTRAIN_HASH:
-        h = hashlib.blake2b(digest_size=16)
-        for path in sorted(Path(_FTRAIN_DIR).rglob("*.py")):
-            h.update(str(path.relative_to(_FTRAIN_DIR)).encode())
-            h.update(path.read_bytes())
-        _FTRAIN_HASH.append(h.hexdigest())
-    return _FTRAIN_HASH[0]
+    h = hashlib.blake2b(digest_size=16)
+    for path in sorted(Path(_FTRAIN_DIR).rglob("*.py")):
+        h.update(str(path.relative_to(_FTRAIN_DIR)).encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
 
 
 _ATOMS = (type(None), bool, int, float, complex, str, bytes, type(Ellipsis), type(NotImplemented))
@@ -154,6 +151,7 @@ _SKIP_CLASS_ATTRS = frozenset({"__dict__", "__weakref__", "__doc__", "__module__
                                "__slots__", "__parameters__", "__orig_bases__", "__firstlineno__", "__static_attributes__",
                                "__dataclass_fields__", "__dataclass_params__", "__match_args__", "_abc_impl"})  # fmt: skip
 _MAX_NODES = 200_000
+_HEAP_TYPE = 1 << 9  # Py_TPFLAGS_HEAPTYPE: a class defined by a class statement (or type())
 
 
 class _Hasher:
@@ -242,11 +240,17 @@ class _Hasher:
             return self._put("logger", obj.name, obj.level)
         if isinstance(obj, torch._ops.OpOverload | torch._ops.OpOverloadPacket):
             return self._put("op", str(obj))
-        if hasattr(sys.modules.get("numpy"), "ndarray") and isinstance(obj, sys.modules["numpy"].ndarray):
+        if isinstance(obj, functools.partial):
+            self._put("partial")
+            return self.add((obj.func, obj.args, obj.keywords))
+        np = sys.modules.get("numpy")
+        if np is not None and isinstance(obj, np.ndarray):
             # (traced as a constant: its values are part of the graph)
             return self._put(
                 "ndarray", obj.dtype, obj.shape, hashlib.blake2b(obj.tobytes(), digest_size=16).hexdigest()
             )
+        if np is not None and isinstance(obj, np.generic):
+            return self._put("numpy", type(obj).__name__, repr(obj))
         if type(obj).__module__.startswith("torch.distributed"):
             # (Its collectives bind process groups by name at trace time, per launch.)
             raise Unfingerprintable(f"a step over a {type(obj).__name__} (a device mesh) is not cached")
@@ -327,6 +331,11 @@ class _Hasher:
 
     def _instance(self, obj: Any) -> None:
         cls = type(obj)
+        if cls is object:  # a sentinel: nothing but its identity
+            return self._put("object")
+        if not cls.__flags__ & _HEAP_TYPE and cls is not types.SimpleNamespace:
+            # A type defined in C keeps its state out of reach (only what __dict__ holds is visible).
+            raise Unfingerprintable(f"a {_qualname(cls)} object: its state is not visible to Python")
         self._class(cls)
         state = getattr(obj, "__dict__", None)
         slots = [s for c in cls.__mro__ for s in getattr(c, "__slots__", ()) if s not in ("__dict__", "__weakref__")]
@@ -669,6 +678,8 @@ class CachedCompile:
                 key = step_key_of(self.fn, args, {"backend": self.backend, "dynamic": dynamic, **self.options})
             except Unfingerprintable as e:
                 why = str(e)
+            except Exception as e:  # (an object whose attributes raise when read: not cached either)
+                why = f"fingerprinting it raised {type(e).__name__}: {e}"
         if key is None:
             log.debug("ftrain cache: %s is compiled without the cache: %s", _name(self.fn), why)
             self._fallback = self._plain()
