@@ -9,6 +9,7 @@ import time
 
 import pytest
 import torch
+from cache_worker import cold_cache  # noqa: F401  (a fixture)
 from test_metrics import SyncCounter
 from torch import nn
 
@@ -438,6 +439,7 @@ def digits_steps():
     return ftrain.make_train_step(digits_loss_fn), ftrain.make_eval_step(digits_loss_fn)
 
 
+@pytest.mark.usefixtures("cold_cache")  # it counts compiles
 def test_digits_mlp_reaches_95_percent_validation_accuracy(digits_steps, tmp_path):
     train_step, eval_step = digits_steps
     train = Loader(ftrain.datasets.digits("train"), 32, seed=0)

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import torch
+from cache_worker import cold_cache  # noqa: F401  (a fixture)
 from step_fixtures import make_mlp_state, mlp_batches, mlp_loss_fn
 from torch import nn
 
@@ -154,6 +155,7 @@ def test_partial_or_retyped_batch_in_training_is_a_clear_error(mlp_setup):
     assert train_step.num_compiles == compiles
 
 
+@pytest.mark.usefixtures("cold_cache")  # it counts compiles
 def test_vmap_over_a_stacked_state_equals_separate_runs(mlp_setup):
     states = [make_mlp_state(seed) for seed in range(3)]
     data = [mlp_batches(3, seed=seed) for seed in range(3)]
@@ -224,6 +226,7 @@ def tagger_step() -> ftrain.TrainStep:
     return ftrain.make_train_step(tagger_loss)
 
 
+@pytest.mark.usefixtures("cold_cache")  # it counts compiles
 def test_same_seed_twice_gives_bitwise_identical_params_after_20_compiled_steps(tagger_step):
     batches = tagger_batches(20)
 
@@ -278,6 +281,7 @@ def scaled_state() -> precision.ScaledTrainState:
     )
 
 
+@pytest.mark.usefixtures("cold_cache")  # it counts compiles
 def test_fp16_loss_scaling_skips_an_overflowing_step_and_recovers():
     policy = precision.Policy(torch.float16, growth_interval=2)
     train_step = ftrain.make_train_step(mse_loss, precision=policy)
@@ -452,6 +456,7 @@ def torch_gan_reference(real_batches: list) -> tuple[dict, dict]:
     return dict(generator.named_parameters()), dict(discriminator.named_parameters())
 
 
+@pytest.mark.usefixtures("cold_cache")  # it counts compiles
 def test_gan_step_with_two_optimizers_compiles_and_matches_torch():
     step = ftrain.compile_step(gan_step)
     eager = ftrain.compile_step(gan_step, compile=False)

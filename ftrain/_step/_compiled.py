@@ -20,6 +20,7 @@ from .._module import ModuleApply
 from .._state import TrainState
 from .._validate import check_one_of
 from . import _donate
+from ._cache import CachedCompile
 from ._checks import DonatedStateError, StepError, check_metrics, check_train_output, checks, step_failure
 
 NewShapes = Literal["error", "recompile"]
@@ -88,13 +89,15 @@ class _Step:
         deterministic: bool,
         new_shapes: NewShapes,
         backend: str | Callable = "inductor",
+        cache: bool = True,
     ):
         self.new_shapes = check_one_of(new_shapes, "new_shapes", ("error", "recompile"), who=type(self).__name__)
         self.core = core
         self.compiled = compile
         self.deterministic = deterministic
+        self.cache = cache
         self._backend = backend
-        self._counters: list[_CountingBackend] = []
+        self._counters: list[_CountingBackend | CachedCompile] = []
         self._fn = self._compile(core) if compile else core
         self._signature: tuple | None = None  # the first batch's
         self._seen: set[tuple] = set()  # every batch signature checked so far
@@ -102,10 +105,14 @@ class _Step:
 
     @property
     def num_compiles(self) -> int:
-        """How many graphs torch has compiled for this step so far (1 after the first call)."""
+        """How many graphs dynamo compiled for this step in this process (1 after the first call, 0 if it came from the cache)."""
         return sum(c.count for c in self._counters)
 
     def _compile(self, fn: Callable) -> Callable:
+        if self.cache:  # served from the persistent cache, or compiled ahead of time and saved there
+            cached = CachedCompile(fn, backend=self._backend)
+            self._counters.append(cached)
+            return cached
         counter = _CountingBackend(self._backend)
         self._counters.append(counter)
         return torch.compile(fn, fullgraph=True, backend=counter)
@@ -114,7 +121,7 @@ class _Step:
         # Under torch.func.vmap/grad or while dynamo traces an outer function, be just the pure core.
         return torch.compiler.is_compiling() or torch._C._functorch.maybe_current_level() is not None
 
-    def _admit(self, state: Any, batch: Any) -> None:
+    def _admit(self, state: Any, batch: Any, fn: Callable) -> None:
         _donate.check_alive(state)
         leaves, spec = tree.flatten(batch)  # (the hot path: paths only when something differs)
         signature = (spec, tuple((x.shape, x.dtype) if isinstance(x, torch.Tensor) else x for x in leaves))
@@ -122,7 +129,7 @@ class _Step:
             return
         if self._signature is not None and self.new_shapes == "error":
             self._compare(signature, tree.flatten_with_path(batch)[0])
-        if self.compiled:
+        if self.compiled and not self._served(fn, state, batch):
             self._precheck(state, batch)
         if self._signature is None:
             self._signature = signature
@@ -157,6 +164,13 @@ class _Step:
                 f"{self.kind}: {where} has shape {tuple(shape)} but the first batch had {tuple(shape0)}; pass "
                 "new_shapes='recompile' if shapes really vary (one recompile, then a dynamic-shape graph)"
             )
+
+    def _served(self, fn: Callable, state: Any, batch: Any) -> bool:
+        """Whether ``fn`` loaded its graph for this batch from the cache: it was checked before it was saved."""
+        if not isinstance(fn, CachedCompile):
+            return False
+        with self._context(state):  # (the key and the guards cover grad mode and determinism)
+            return fn.prepare(state, batch)
 
     def _precheck(self, state: Any, batch: Any) -> None:
         """Run the step on fake tensors: catches bad losses and bad batches before dynamo sees them."""
@@ -230,7 +244,7 @@ class TrainStep(_Step):
         """One pure step: ``state`` is left untouched."""
         if self._direct():
             return self.core(state, batch)
-        self._admit(state, batch)
+        self._admit(state, batch, self._fn)
         return self._run(self._fn, state, batch)
 
     def donate(self, state: TrainState, batch: Any) -> tuple[TrainState, dict]:
@@ -243,12 +257,12 @@ class TrainStep(_Step):
         """
         if self._direct():
             return self.core(state, batch)
-        self._admit(state, batch)
-        if state not in _donate.TRUSTED:
-            _donate.check_no_aliasing(state)
         if self._donating is None:
             fn = _donate.donating(self.core)
             self._donating = self._compile(fn) if self.compiled else fn
+        self._admit(state, batch, self._donating)
+        if state not in _donate.TRUSTED:
+            _donate.check_no_aliasing(state)
         metrics = self._run(self._donating, state, batch, check_output=False)
         new_state = _donate.hand_over(state)
         with contextlib.suppress(TypeError):  # (a plain dict state cannot be weakly referenced: checked each time)
@@ -270,7 +284,7 @@ class EvalStep(_Step):
         """Metrics on one batch (0-d tensors, including ``"loss"``)."""
         if self._direct():
             return self.core(state, batch)
-        self._admit(state, batch)
+        self._admit(state, batch, self._fn)
         return self._run(self._fn, state, batch)
 
     def _check_output(self, state: Any, out: Any) -> None:

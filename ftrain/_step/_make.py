@@ -25,6 +25,7 @@ def make_train_step(
     new_shapes: NewShapes = "error",
     backend: str | Callable = "inductor",
     step_metrics: bool = True,
+    cache: bool = True,
 ) -> TrainStep:
     """Build ``train_step(state, batch) -> (new_state, metrics)`` from a loss function.
 
@@ -62,6 +63,10 @@ def make_train_step(
             ``optim.partition``) to the metrics. They are computed inside the step, so they
             cost no host sync; ``fit`` logs them as ``train/grad_norm`` and ``train/lr``. A
             metric of the same name from ``loss_fn`` wins. ``False``: only the loss_fn's metrics.
+        cache: serve the compiled step from ftrain's persistent cache (``$FTRAIN_CACHE_DIR``,
+            by default ``~/.cache/ftrain``) when a process compiled it before, and save it
+            there when not, so a rerun starts without compiling. ``False`` compiles it in this
+            process, every time. See the Steps page for what the cache key covers.
 
     Example:
         >>> import torch, ftrain
@@ -79,7 +84,9 @@ def make_train_step(
     if mesh is not None and not callable(getattr(mesh, "pmean", None)):
         raise TypeError(f"make_train_step: mesh must be an ftrain.Mesh (with .pmean), got {type(mesh).__name__}")
     core = train_core(loss_fn, Policy.coerce(precision), accumulate, mesh, step_metrics=step_metrics)
-    return TrainStep(core, compile=compile, deterministic=deterministic, new_shapes=new_shapes, backend=backend)
+    return TrainStep(
+        core, compile=compile, deterministic=deterministic, new_shapes=new_shapes, backend=backend, cache=cache
+    )
 
 
 def make_eval_step(
@@ -91,6 +98,7 @@ def make_eval_step(
     new_shapes: NewShapes = "recompile",
     backend: str | Callable = "inductor",
     mesh: Any = None,
+    cache: bool = True,
 ) -> EvalStep:
     """Build ``eval_step(state, batch) -> metrics`` from the same ``loss_fn`` as the train step.
 
@@ -112,7 +120,9 @@ def make_eval_step(
     """
     check_function(loss_fn, "make_eval_step", LOSS_FN)
     core = eval_core(loss_fn, Policy.coerce(precision))
-    step = EvalStep(core, compile=compile, deterministic=deterministic, new_shapes=new_shapes, backend=backend)
+    step = EvalStep(
+        core, compile=compile, deterministic=deterministic, new_shapes=new_shapes, backend=backend, cache=cache
+    )
     step.mesh = mesh
     return step
 
@@ -121,6 +131,7 @@ def make_predict_step(
     predict_fn: LossFn | None = None,
     *,
     compile: bool = True,
+    cache: bool = True,
     precision: Policy | str | None = None,
     deterministic: bool = True,
     new_shapes: NewShapes = "recompile",
@@ -143,7 +154,9 @@ def make_predict_step(
         predict_fn = default_predict
     check_function(predict_fn, "make_predict_step", LOSS_FN)
     core = predict_core(predict_fn, Policy.coerce(precision))
-    return PredictStep(core, compile=compile, deterministic=deterministic, new_shapes=new_shapes, backend=backend)
+    return PredictStep(
+        core, compile=compile, deterministic=deterministic, new_shapes=new_shapes, backend=backend, cache=cache
+    )
 
 
 def compile_step(
@@ -153,11 +166,13 @@ def compile_step(
     deterministic: bool = True,
     new_shapes: NewShapes = "error",
     backend: str | Callable = "inductor",
+    cache: bool = True,
 ) -> TrainStep:
     """Compile your own pure ``fn(state, batch) -> (new_state, metrics)`` as a train step.
 
     It gets what :func:`make_train_step` gives: one graph, the fake-tensor check before the
-    first compile, ``.donate``, determinism, and the batch-shape policy. Build ``fn`` from
+    first compile, ``.donate``, determinism, the batch-shape policy and the persistent cache
+    (``cache=False`` opts out). Build ``fn`` from
     :func:`step_key`, :func:`loss_and_grad` and :meth:`TrainState.apply_gradients` (or
     ``tx.update`` + ``optim.apply_updates`` for a second optimizer); ``torch.func.vmap`` of a
     train step compiles too (an ensemble in one graph).
@@ -176,4 +191,6 @@ def compile_step(
         1
     """
     check_function(fn, "compile_step", "fn(state, batch) -> (state, metrics)")
-    return TrainStep(fn, compile=compile, deterministic=deterministic, new_shapes=new_shapes, backend=backend)
+    return TrainStep(
+        fn, compile=compile, deterministic=deterministic, new_shapes=new_shapes, backend=backend, cache=cache
+    )
