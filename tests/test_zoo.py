@@ -8,12 +8,17 @@ one compiled eval step, shared by that model's tests (module-scoped fixture). Th
 ``state.to_module()`` must agree with the trained state. Dropout is off for the comparison (torch's
 global-RNG masks cannot match ftrain's keyed ones); the GPT-2 dropout test runs it on.
 
-Compile time is this file's cost: 12 distinct compiled functions, each 10-60 s on 2 cores.
+Compile time is this file's cost: 12 distinct compiled functions. They use the ``aot_eager``
+backend by default: dynamo and AOTAutograd trace the whole step as inductor would get it (one graph,
+the same recompile guards, the same autograd), without inductor's code generation, which is most of
+the compile time (ResNet: 24 s against several minutes on 2 busy cores).
+``FTRAIN_ZOO_BACKEND=inductor`` runs the real thing; benchmarks/real_models.py times it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 import pytest
@@ -27,6 +32,7 @@ import ftrain  # noqa: E402
 from ftrain import optim, tree  # noqa: E402
 
 STEPS, LR = 20, 1e-3
+BACKEND = os.environ.get("FTRAIN_ZOO_BACKEND", "aot_eager")
 
 
 @dataclasses.dataclass
@@ -48,7 +54,8 @@ def fresh_state(model: zoo_models.ZooModel, seed: int = 0, **kw: Any) -> ftrain.
 @pytest.fixture(scope="module", params=zoo_models.TRANSFORMERS, ids=lambda m: m.name)
 def trained(request) -> Trained:
     model = request.param
-    train_step, eval_step = ftrain.make_train_step(model.loss_fn), ftrain.make_eval_step(model.loss_fn)
+    train_step = ftrain.make_train_step(model.loss_fn, backend=BACKEND)
+    eval_step = ftrain.make_eval_step(model.loss_fn, backend=BACKEND)
     state, batches, losses = fresh_state(model), model.batches(STEPS), []
     for batch in batches:
         state, metrics = train_step(state, batch)
@@ -79,7 +86,6 @@ def test_compiled_step_compiles_once_over_20_steps(trained):
 def test_losses_equal_a_plain_pytorch_loop(trained):
     expected = plain_pytorch_losses(trained.model, trained.batches)
     assert trained.losses == pytest.approx(expected, rel=1e-4, abs=1e-5)
-    assert trained.losses[-1] < trained.losses[0]  # (it learns)
 
 
 def test_eval_step_equals_the_exported_module(trained):

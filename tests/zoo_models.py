@@ -69,13 +69,13 @@ def _token_batches(labels: Callable[[torch.Tensor, torch.Generator], torch.Tenso
 def _image_batches(size: int, num_labels: int) -> Callable[..., list[Batch]]:
     def batches(n: int, seed: int = 0) -> list[Batch]:
         g = torch.Generator().manual_seed(seed)
-        return [
-            {
-                "pixel_values": torch.randn(BATCH, 3, size, size, generator=g),
-                "labels": torch.randint(0, num_labels, (BATCH,), generator=g),
-            }
-            for _ in range(n)
-        ]
+        out = []
+        for _ in range(n):
+            x = torch.randn(BATCH, 3, size, size, generator=g)
+            # A learnable label: which channel is brightest, folded into num_labels classes.
+            labels = (x.mean((2, 3)).argmax(-1) + 3 * (x[:, 0].mean((1, 2)) > 0)) % num_labels
+            out.append({"pixel_values": x, "labels": labels})
+        return out
 
     return batches
 
@@ -89,14 +89,14 @@ def _seq2seq_labels(ids: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 
 
 def _class_labels(num_labels: int) -> Callable[[torch.Tensor, torch.Generator], torch.Tensor]:
-    return lambda ids, g: torch.randint(0, num_labels, (ids.shape[0],), generator=g)
+    return lambda ids, g: ids[:, 0] % num_labels  # (learnable: the first token decides)
 
 
 def _gpt2(dropout: float) -> nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     config = GPT2Config(
-        vocab_size=VOCAB, n_positions=SEQ, n_embd=32, n_layer=2, n_head=2,
+        vocab_size=VOCAB, n_positions=SEQ, n_embd=32, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0,
         resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
     )  # fmt: skip
     return GPT2LMHeadModel(config)
@@ -164,7 +164,12 @@ class DigitsMLP(nn.Module):
 
 def _digits_batches(n: int, seed: int = 0) -> list[Batch]:
     g = torch.Generator().manual_seed(seed)
-    return [{"x": torch.randn(64, 64, generator=g), "labels": torch.randint(0, 10, (64,), generator=g)} for _ in range(n)]
+    w = torch.randn(64, 10, generator=g)
+    out = []
+    for _ in range(n):
+        x = torch.randn(64, 64, generator=g)
+        out.append({"x": x, "labels": (x @ w).argmax(-1)})
+    return out
 
 
 def _cross_entropy(out: torch.Tensor, batch: Batch) -> torch.Tensor:
