@@ -18,11 +18,15 @@ the compile time (ResNet: 24 s against several minutes on 2 busy cores).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
+import warnings
 from typing import Any
 
 import pytest
 import torch
+from torch import nn
+from torch._dynamo.backends.common import aot_autograd
 
 pytest.importorskip("transformers")
 
@@ -144,3 +148,276 @@ def test_gpt2_keeps_its_embeddings_tied_and_trains_with_keyed_dropout():
     assert run(fresh_state(model))[1] != losses  # dropout does something
     module = trained_state.to_module()
     assert module.lm_head.weight is module.transformer.wte.weight
+
+
+# ---------------------------------------------------------------------------------------------
+# What users' own models do: frozen parts, activation checkpointing, custom autograd, Python the
+# compiler cannot trace, odd outputs. Small models, compiled with aot_eager (cheap) where compiled.
+
+
+class Classifier(nn.Module):
+    """An encoder and a head, as in fine-tuning: freeze the encoder, train the head."""
+
+    def __init__(self, checkpointed: bool = False, custom: bool = False):
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(8, 16), nn.Tanh())
+        self.head = nn.Linear(16, 3)
+        self.checkpointed, self.custom = checkpointed, custom
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.checkpointed:
+            h = torch.utils.checkpoint.checkpoint(self.encoder, x, use_reentrant=False)
+        else:
+            h = self.encoder(x)
+        return self.head(TripleGrad.apply(h) if self.custom else h)
+
+
+class TripleGrad(torch.autograd.Function):
+    """The identity forward, a backward that triples the gradient: not autograd of the forward,
+    so a step that differentiated the forward instead of calling this backward is caught."""
+
+    @staticmethod
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        return 3 * grad
+
+
+def classifier_loss(apply, params, buffers, batch, key):
+    x, y = batch
+    logits, buffers = apply(params, buffers, x, key=key)
+    return nn.functional.cross_entropy(logits, y), {}, buffers
+
+
+def classifier_batches(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    return [(torch.randn(6, 8, generator=g), torch.randint(0, 3, (6,), generator=g)) for _ in range(n)]
+
+
+def matmuls_counted() -> tuple[Any, list[int]]:
+    """An aot_eager backend that records how many matmuls each compiled graph holds."""
+    counts: list[int] = []
+
+    def fw(gm: torch.fx.GraphModule, example_inputs: list) -> Any:
+        counts.append(sum(n.op == "call_function" and "mm" in str(n.target) for n in gm.graph.nodes))
+        return gm.forward
+
+    return aot_autograd(fw_compiler=fw), counts
+
+
+def test_frozen_params_are_not_differentiated_not_updated_and_still_saved(tmp_path):
+    def make(frozen: bool) -> ftrain.TrainState:
+        torch.manual_seed(0)
+        model = Classifier()
+        if frozen:
+            model.encoder.requires_grad_(False)
+        return ftrain.TrainState.create(model, optim.adamw(1e-2))
+
+    graphs = {}
+    for frozen in (False, True):
+        backend, counts = matmuls_counted()
+        step, state = ftrain.make_train_step(classifier_loss, backend=backend), make(frozen)
+        for batch in classifier_batches(5):
+            state, _ = step(state, batch)
+        graphs[frozen] = counts
+    # Forward: 2 matmuls. Backward: the head's weight gradient, plus, when the encoder trains,
+    # the gradient into the encoder and the encoder's weight gradient.
+    assert graphs == {False: [5], True: [3]}, "a frozen parameter's gradient was computed"
+
+    initial = make(True)
+    assert sorted(initial.opt_state[0].mu) == ["head.bias", "head.weight"]  # no moments for frozen leaves
+    grads = ftrain.loss_and_grad(
+        classifier_loss, initial.apply_fn, initial.params, initial.buffers, classifier_batches(1)[0], initial.key
+    )[0]
+    assert sorted(grads) == ["head.bias", "head.weight"]
+    eager = ftrain.make_train_step(classifier_loss, compile=False)
+    state = initial
+    for batch in classifier_batches(5):
+        state, _ = eager(state, batch)
+    for name in ("encoder.0.weight", "encoder.0.bias"):
+        assert torch.equal(state.params[name], initial.params[name]), f"frozen {name} changed"
+    assert not torch.equal(state.params["head.weight"], initial.params["head.weight"])
+    with ftrain.CheckpointManager(tmp_path / "ckpt", async_save=False) as manager:
+        manager.save(state)
+        restored, _ = manager.restore_latest(make(True))
+    assert tree.equal(tree.leaves(restored), tree.leaves(state))
+    module = restored.to_module()
+    assert not module.encoder[0].weight.requires_grad and module.head.weight.requires_grad
+
+
+def test_a_state_with_every_parameter_frozen_is_refused():
+    model = Classifier().requires_grad_(False)
+    with pytest.raises(ValueError, match="requires_grad=False"):
+        ftrain.TrainState.create(model, optim.adamw(1e-3))
+
+
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("kind", ["checkpointed", "custom"])
+def test_activation_checkpointing_and_custom_functions_give_eager_autograds_gradients(kind, compile):
+    x, y = batch = classifier_batches(1)[0]
+    torch.manual_seed(0)
+    reference = Classifier(**{kind: True})
+    module = Classifier(**{kind: True})
+    module.load_state_dict(reference.state_dict())
+    state = ftrain.TrainState.create(module, optim.sgd(1.0))  # (so the update is minus the gradient)
+    nn.functional.cross_entropy(reference(x), y).backward()
+    new_state, _ = ftrain.make_train_step(classifier_loss, compile=compile, backend="aot_eager")(state, batch)
+    for name, p in reference.named_parameters():
+        torch.testing.assert_close(state.params[name] - new_state.params[name], p.grad, msg=name)
+    if kind == "custom":  # the reference really ran the tripled backward: a dropped one would differ
+        plain = Classifier()
+        plain.load_state_dict(reference.state_dict())
+        nn.functional.cross_entropy(plain(x), y).backward()
+        torch.testing.assert_close(reference.encoder[0].weight.grad, 3 * plain.encoder[0].weight.grad)
+
+
+class Chatty(nn.Module):
+    """Logs and warns in its forward, as library models do (transformers' logger.warning_once)."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logging.getLogger("tests.chatty").warning("forward on a batch of %d", x.shape[0])
+        warnings.warn("Chatty is deprecated", FutureWarning, stacklevel=2)
+        return self.linear(x)
+
+
+def test_logging_and_warnings_in_the_model_run_once_and_do_not_break_the_compiled_step(caplog):
+    config = torch._dynamo.config
+    before = (set(config.ignore_logging_functions), config.trace_autograd_ops)
+    state = ftrain.TrainState.create(Chatty(), optim.sgd(0.1))
+    step = ftrain.make_train_step(classifier_loss, backend="aot_eager")
+    with pytest.warns(FutureWarning, match="deprecated") as seen, caplog.at_level(logging.WARNING, "tests.chatty"):
+        for batch in classifier_batches(3):
+            state, _ = step(state, batch)
+    assert step.num_compiles == 1
+    # Once, from the check on fake tensors before compiling; the compiled graph skips them.
+    assert len(seen) == 1 and len(caplog.records) == 1
+    assert (set(config.ignore_logging_functions), config.trace_autograd_ops) == before, "dynamo settings leaked"
+
+
+class Untraceable(nn.Module):
+    def __init__(self, how: str):
+        super().__init__()
+        self.linear, self.how = nn.Linear(8, 3), how
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.linear(x)
+        if self.how == "branch" and out.sum() > 0:  # a Python branch on a tensor's value
+            out = out * 2
+        if self.how == "break":
+            torch._dynamo.graph_break()  # (what an untraceable library call does to the compiler)
+        return out
+
+
+@pytest.mark.parametrize("how", ["branch", "break"])
+def test_untraceable_python_is_a_short_step_error_naming_the_construct_and_the_line(how):
+    state = ftrain.TrainState.create(Untraceable(how), optim.sgd(0.1))
+    step = ftrain.make_train_step(classifier_loss, backend="aot_eager")
+    with pytest.raises(ftrain.StepError) as info:
+        step(state, classifier_batches(1)[0])
+    message = str(info.value)
+    assert "fullgraph=False" in message and "test_zoo.py" in message and "in forward" in message
+    assert ("tensor's value" if how == "branch" else "graph_break") in message
+    assert len(message.splitlines()) <= 6
+
+
+@pytest.mark.parametrize("how", ["branch", "break"])
+def test_fullgraph_false_allows_graph_breaks_warns_once_and_is_correct_without_recompiling(how):
+    batches = classifier_batches(6)
+    eager = ftrain.make_train_step(classifier_loss, compile=False)
+    step = ftrain.make_train_step(classifier_loss, fullgraph=False, backend="aot_eager")
+    state = expected = ftrain.TrainState.create(Untraceable(how), optim.sgd(0.1))
+    with pytest.warns(UserWarning, match=r"graph break.*test_zoo\.py:\d+") as seen:
+        state, _ = step(state, batches[0])
+    assert len(seen) == 1
+    compiles = step.num_compiles
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (no second warning)
+        for batch in batches[1:]:
+            state, _ = step(state, batch)
+    assert step.num_compiles == compiles, "a graph-broken step recompiled"
+    for batch in batches:
+        expected, _ = eager(expected, batch)
+    assert tree.allclose(tree.leaves(state), tree.leaves(expected), rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: what a model or loss_fn may hand back.
+
+
+class Out:
+    """Neither a tensor nor a dataclass nor a pytree: a plain object holding the logits."""
+
+    def __init__(self, logits: torch.Tensor):
+        self.logits = logits
+
+
+class Wrapped(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> Out:
+        return Out(self.linear(x))
+
+
+def test_a_model_returning_a_plain_object_trains_and_predicts_compiled():
+    def loss_fn(apply, params, buffers, batch, key):
+        out, buffers = apply(params, buffers, batch[0])
+        return nn.functional.cross_entropy(out.logits, batch[1]), {}, buffers
+
+    batches = classifier_batches(3)
+    compiled, eager = ftrain.make_train_step(loss_fn, backend="aot_eager"), ftrain.make_train_step(loss_fn, compile=False)
+    state = expected = ftrain.TrainState.create(Wrapped(), optim.sgd(0.1))
+    for batch in batches:
+        state, _ = compiled(state, batch)
+        expected, _ = eager(expected, batch)
+    assert tree.allclose(tree.leaves(state), tree.leaves(expected), rtol=1e-5, atol=1e-6)
+    predicted = ftrain.make_predict_step(backend="aot_eager")(state, batches[0])  # the object itself comes back
+    assert isinstance(predicted, Out)
+    torch.testing.assert_close(predicted.logits, state.to_module()(batches[0][0]).logits)
+
+
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_a_loss_that_is_a_python_float_is_a_clear_error(compile):
+    def loss_fn(apply, params, buffers, batch, key):
+        out, _ = apply(params, buffers, batch[0])
+        return out.square().mean().item()
+
+    state = ftrain.TrainState.create(nn.Linear(8, 3), optim.sgd(0.1))
+    step = ftrain.make_train_step(loss_fn, compile=compile, backend="aot_eager")
+    with pytest.raises(ftrain.StepError, match="float"):
+        step(state, classifier_batches(1)[0])
+
+
+class Counting(nn.Module):
+    """Counts its forward calls in a buffer, in place."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(8, 3)
+        self.register_buffer("calls", torch.zeros((), dtype=torch.int64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.linear(x)
+
+
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_a_buffer_the_forward_mutates_in_place_comes_out_as_a_new_buffer(compile):
+    state = ftrain.TrainState.create(Counting(), optim.sgd(0.1))
+    step = ftrain.make_train_step(classifier_loss, compile=compile, backend="aot_eager")
+    first = state
+    for batch in classifier_batches(4):
+        state, _ = step(state, batch)
+    assert int(state.buffers["calls"]) == 4
+    assert int(first.buffers["calls"]) == 0, "the step wrote into its input state"
