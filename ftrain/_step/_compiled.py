@@ -9,18 +9,21 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
+import weakref
 from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
 
 from .. import tree
 from .._module import ModuleApply
 from .._state import TrainState
 from .._validate import check_one_of
 from . import _donate
-from ._checks import DonatedStateError, StepError, check_metrics, check_train_output, checks, step_failure
+from ._checks import DonatedStateError, StepError, check_metrics, check_train_output, checks, step_failure, user_frame
+from ._dynamo import UNTRACEABLE, GraphBreaks, compile_fn, untraceable
 
 NewShapes = Literal["error", "recompile"]
 
@@ -28,6 +31,11 @@ PARTIAL_BATCH = (
     "{kind}: {where} has batch size {size} but the step was compiled for {size0}: a partial last batch? "
     "Drop it (ftrain.data.Loader(drop_last=True)) or pad it, or pass new_shapes='recompile' to allow one more "
     "compile with a dynamic batch dim"
+)
+READS_A_VALUE = "reading a tensor's value in Python (`if tensor:`, `.item()`, `.tolist()`, a Python number from a tensor)"
+FUNCTION_INSTANCE = ".*autograd.function.Function'> should not be instantiated"
+GRAPH_BREAKS = (
+    "{kind} (fullgraph=False) compiled with {n} graph break(s), each a return to Python between graphs: {where}"
 )
 
 
@@ -88,12 +96,15 @@ class _Step:
         deterministic: bool,
         new_shapes: NewShapes,
         backend: str | Callable = "inductor",
+        fullgraph: bool = True,
     ):
         self.new_shapes = check_one_of(new_shapes, "new_shapes", ("error", "recompile"), who=type(self).__name__)
         self.core = core
         self.compiled = compile
         self.deterministic = deterministic
         self._backend = backend
+        self.fullgraph = fullgraph
+        self._models: dict[int, weakref.ref] = {}  # the models (apply_fns) checked so far, by identity
         self._counters: list[_CountingBackend] = []
         self._fn = self._compile(core) if compile else core
         self._signature: tuple | None = None  # the first batch's
@@ -108,7 +119,7 @@ class _Step:
     def _compile(self, fn: Callable) -> Callable:
         counter = _CountingBackend(self._backend)
         self._counters.append(counter)
-        return torch.compile(fn, fullgraph=True, backend=counter)
+        return compile_fn(fn, fullgraph=self.fullgraph, backend=counter)
 
     def _direct(self) -> bool:
         # Under torch.func.vmap/grad or while dynamo traces an outer function, be just the pure core.
@@ -118,9 +129,10 @@ class _Step:
         _donate.check_alive(state)
         leaves, spec = tree.flatten(batch)  # (the hot path: paths only when something differs)
         signature = (spec, tuple((x.shape, x.dtype) if isinstance(x, torch.Tensor) else x for x in leaves))
-        if signature in self._seen:
+        seen, new_model = signature in self._seen, self.compiled and self._new_model(state)
+        if seen and not new_model:
             return
-        if self._signature is not None and self.new_shapes == "error":
+        if not seen and self._signature is not None and self.new_shapes == "error":
             self._compare(signature, tree.flatten_with_path(batch)[0])
         if self.compiled:
             self._precheck(state, batch)
@@ -128,6 +140,18 @@ class _Step:
             self._signature = signature
         if len(self._seen) < 64:  # (bounded: a stream of new shapes only re-runs the cheap fake check)
             self._seen.add(signature)
+
+    def _new_model(self, state: Any) -> bool:
+        """Is ``state``'s model object new to this step? Then it is checked on fake tensors first: a model
+        may set attributes in its first forward (transformers sets ``config.problem_type``), and the
+        compiled graph's guards must see the settled values, or a new state would recompile."""
+        apply = getattr(state, "apply_fn", None)
+        known = self._models.get(id(apply))
+        if not isinstance(apply, ModuleApply) or (known is not None and known() is apply):
+            return False
+        if len(self._models) < 64:
+            self._models[id(apply)] = weakref.ref(apply)
+        return True
 
     def _compare(self, signature: tuple, paths: list[str]) -> None:
         spec0, sig0 = self._signature
@@ -171,6 +195,10 @@ class _Step:
             self._check_output(state, out)
         except (StepError, DonatedStateError):
             raise
+        except DataDependentOutputException as e:
+            if not self.fullgraph:  # (dynamo breaks the graph there; the fake check cannot go past it)
+                return
+            raise StepError(UNTRACEABLE.format(kind=self.kind, what=READS_A_VALUE, where=user_frame(e))) from None
         except Exception as e:
             raise step_failure(self.kind, batch, e, " (checked before compiling, on fake tensors)") from None
         finally:
@@ -187,12 +215,18 @@ class _Step:
             with self._context(state):
                 return fn(state, batch)
         # The first call of fn: eager, it is checked on the real tensors.
-        with self._context(state), checks(not self.compiled):
+        with self._context(state), checks(not self.compiled), GraphBreaks() as breaks, warnings.catch_warnings():
+            # Dynamo makes an instance of each autograd.Function it traces, which torch warns about
+            # (a DeprecationWarning meant for users, an error under -W error): not the user's doing.
+            warnings.filterwarnings("ignore", FUNCTION_INSTANCE, DeprecationWarning)
             try:
                 out = fn(state, batch)
-            except Exception:
+            except Exception as e:
                 if not self.compiled:
                     raise
+                message = untraceable(self.kind, e)
+                if message is not None:
+                    raise StepError(message) from None
                 # A failure dynamo's fake tensors missed: the eager error names the real problem.
                 eager_error = _eager_error(self.core, state, batch)
                 if eager_error is None:
@@ -201,6 +235,9 @@ class _Step:
                 raise step_failure(self.kind, batch, eager_error) from eager_error
         if not self.compiled and check_output:
             self._check_output(state, out)
+        if breaks.breaks:
+            where = "; ".join(f"{at} ({reason})" for at, reason in breaks)
+            warnings.warn(GRAPH_BREAKS.format(kind=self.kind, n=len(breaks.breaks), where=where), stacklevel=3)
         self._ran.add(id(fn))
         return out
 

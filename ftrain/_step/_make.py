@@ -24,6 +24,7 @@ def make_train_step(
     deterministic: bool = True,
     new_shapes: NewShapes = "error",
     backend: str | Callable = "inductor",
+    fullgraph: bool = True,
 ) -> TrainStep:
     """Build ``train_step(state, batch) -> (new_state, metrics)`` from a loss function.
 
@@ -55,6 +56,11 @@ def make_train_step(
             a clear error, e.g. for a partial last batch) or ``"recompile"`` (at most one more
             compile, with a dynamic batch dim).
         backend: the ``torch.compile`` backend.
+        fullgraph: ``True`` (default): the step is one graph, and Python the compiler cannot trace
+            (a branch on a tensor's value, an unknown C call) is a :class:`StepError` naming the
+            line. ``False`` lets torch break the step into several graphs there: still correct
+            and compiled once, slower (it warns once with the breaks and where they are; see
+            docs/your-model.md).
 
     Example:
         >>> import torch, ftrain
@@ -72,7 +78,7 @@ def make_train_step(
     if mesh is not None and not callable(getattr(mesh, "pmean", None)):
         raise TypeError(f"make_train_step: mesh must be an ftrain.Mesh (with .pmean), got {type(mesh).__name__}")
     core = train_core(loss_fn, Policy.coerce(precision), accumulate, mesh)
-    return TrainStep(core, compile=compile, deterministic=deterministic, new_shapes=new_shapes, backend=backend)
+    return TrainStep(core, compile=compile, deterministic=deterministic, new_shapes=new_shapes, backend=backend, fullgraph=fullgraph)
 
 
 def make_eval_step(
@@ -83,6 +89,7 @@ def make_eval_step(
     deterministic: bool = True,
     new_shapes: NewShapes = "recompile",
     backend: str | Callable = "inductor",
+    fullgraph: bool = True,
 ) -> EvalStep:
     """Build ``eval_step(state, batch) -> metrics`` from the same ``loss_fn`` as the train step.
 
@@ -102,7 +109,7 @@ def make_eval_step(
     """
     check_function(loss_fn, "make_eval_step", LOSS_FN)
     core = eval_core(loss_fn, Policy.coerce(precision))
-    return EvalStep(core, compile=compile, deterministic=deterministic, new_shapes=new_shapes, backend=backend)
+    return EvalStep(core, compile=compile, deterministic=deterministic, new_shapes=new_shapes, backend=backend, fullgraph=fullgraph)
 
 
 def make_predict_step(
@@ -113,6 +120,7 @@ def make_predict_step(
     deterministic: bool = True,
     new_shapes: NewShapes = "recompile",
     backend: str | Callable = "inductor",
+    fullgraph: bool = True,
 ) -> PredictStep:
     """Build ``predict_step(state, batch) -> outputs`` (module in eval mode).
 
@@ -131,7 +139,7 @@ def make_predict_step(
         predict_fn = default_predict
     check_function(predict_fn, "make_predict_step", LOSS_FN)
     core = predict_core(predict_fn, Policy.coerce(precision))
-    return PredictStep(core, compile=compile, deterministic=deterministic, new_shapes=new_shapes, backend=backend)
+    return PredictStep(core, compile=compile, deterministic=deterministic, new_shapes=new_shapes, backend=backend, fullgraph=fullgraph)
 
 
 def compile_step(
@@ -141,6 +149,7 @@ def compile_step(
     deterministic: bool = True,
     new_shapes: NewShapes = "error",
     backend: str | Callable = "inductor",
+    fullgraph: bool = True,
 ) -> TrainStep:
     """Compile your own pure ``fn(state, batch) -> (new_state, metrics)`` as a train step.
 
@@ -164,4 +173,4 @@ def compile_step(
         1
     """
     check_function(fn, "compile_step", "fn(state, batch) -> (state, metrics)")
-    return TrainStep(fn, compile=compile, deterministic=deterministic, new_shapes=new_shapes, backend=backend)
+    return TrainStep(fn, compile=compile, deterministic=deterministic, new_shapes=new_shapes, backend=backend, fullgraph=fullgraph)
