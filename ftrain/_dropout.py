@@ -29,7 +29,7 @@ from torch.overrides import TorchFunctionMode
 
 from . import random
 
-__all__ = ["KeyedRandomness"]
+__all__ = ["KeyedRandomness", "NoRandomness"]
 
 _GLOBAL_RNG = {
     torch.rand,
@@ -56,6 +56,9 @@ _GLOBAL_RNG = {
     torch.Tensor.bernoulli,
     torch.Tensor.multinomial,
 }
+
+
+_DROPOUTS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d}
 
 
 def _arg(args: tuple, kwargs: dict, i: int, name: str, default: Any) -> Any:
@@ -128,10 +131,9 @@ class KeyedRandomness(TorchFunctionMode):
         p = _arg(args, kwargs, 5, "dropout_p", 0.0)
         is_causal = _arg(args, kwargs, 6, "is_causal", False)
         scale = _arg(args, kwargs, 7, "scale", None)
-        if _arg(args, kwargs, 8, "enable_gqa", False):
-            raise NotImplementedError(
-                "keyed attention dropout does not support enable_gqa=True; repeat k/v heads first"
-            )
+        if _arg(args, kwargs, 8, "enable_gqa", False):  # grouped-query attention (Llama): each k/v head serves a group
+            group = q.shape[-3] // k.shape[-3]
+            k, v = k.repeat_interleave(group, dim=-3), v.repeat_interleave(group, dim=-3)
         scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
         scores = (q @ k.transpose(-2, -1)) * scale
         if is_causal:
@@ -143,3 +145,23 @@ class KeyedRandomness(TorchFunctionMode):
             )
         weights = torch.softmax(scores, dim=-1)
         return (weights * self._mask(weights, p, tuple(weights.shape))) @ v
+
+
+RECOMPUTED_DROPOUT = (
+    "{func} ran during the eager backward: activation checkpointing recomputes its segment's forward there, "
+    "and keyed dropout masks cannot be replayed outside the step's forward. Compile the step (its graph "
+    "replays them exactly), or keep dropout out of checkpointed segments (dropout 0 there) when eager"
+)
+
+
+class NoRandomness(TorchFunctionMode):
+    """Refuses dropout and global-RNG draws within (an eager backward, which may recompute a
+    checkpointed segment: a mask drawn there would differ from the forward's)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        drops = func in _DROPOUTS and _arg(args, kwargs, 1, "p", 0.5) > 0 and _arg(args, kwargs, 2, "training", True)
+        attention = func is F.scaled_dot_product_attention and _arg(args, kwargs, 5, "dropout_p", 0.0) > 0
+        if drops or attention or func in _GLOBAL_RNG:
+            raise RuntimeError(RECOMPUTED_DROPOUT.format(func=getattr(func, "__qualname__", func)))
+        return func(*args, **kwargs)

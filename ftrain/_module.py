@@ -195,7 +195,9 @@ def _tensor_slots(module: nn.Module) -> list[tuple[dict, str, str, bool, torch.T
     ):
         for name, t in named:
             owner, attr = _owner(module, name)
-            slots.append((owner._parameters if is_param else owner._buffers, attr, first.setdefault(id(t), name), is_param, t))
+            slots.append(
+                (owner._parameters if is_param else owner._buffers, attr, first.setdefault(id(t), name), is_param, t)
+            )
     return slots
 
 

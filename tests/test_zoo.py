@@ -379,7 +379,10 @@ def test_a_model_returning_a_plain_object_trains_and_predicts_compiled():
         return nn.functional.cross_entropy(out.logits, batch[1]), {}, buffers
 
     batches = classifier_batches(3)
-    compiled, eager = ftrain.make_train_step(loss_fn, backend="aot_eager"), ftrain.make_train_step(loss_fn, compile=False)
+    compiled, eager = (
+        ftrain.make_train_step(loss_fn, backend="aot_eager"),
+        ftrain.make_train_step(loss_fn, compile=False),
+    )
     state = expected = ftrain.TrainState.create(Wrapped(), optim.sgd(0.1))
     for batch in batches:
         state, _ = compiled(state, batch)
@@ -399,7 +402,9 @@ def test_a_loss_that_is_a_python_float_is_a_clear_error(compile):
     state = ftrain.TrainState.create(nn.Linear(8, 3), optim.sgd(0.1))
     step = ftrain.make_train_step(loss_fn, compile=compile, backend="aot_eager")
     # Eager, the float itself is refused; compiled, the .item() that made it (checked before compiling).
-    with pytest.raises(ftrain.StepError, match="tensor's value.*\n.* in loss_fn" if compile else "returned a Python float"):
+    with pytest.raises(
+        ftrain.StepError, match="tensor's value.*\n.* in loss_fn" if compile else "returned a Python float"
+    ):
         step(state, classifier_batches(1)[0])
 
 
@@ -425,3 +430,30 @@ def test_a_buffer_the_forward_mutates_in_place_comes_out_as_a_new_buffer(compile
         state, _ = step(state, batch)
     assert int(state.buffers["calls"]) == 4
     assert int(first.buffers["calls"]) == 0, "the step wrote into its input state"
+
+
+class GroupedAttention(nn.Module):
+    """Llama's attention call: 4 query heads share 2 k/v heads (``enable_gqa=True``), with dropout."""
+
+    def __init__(self):
+        super().__init__()
+        self.attention_dropout = 0.3
+
+    def forward(self, q, k, v, grouped: bool = True):
+        if not grouped:  # the same attention with the k/v heads repeated by hand
+            k, v = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+        p = self.attention_dropout if self.training else 0.0
+        return nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, enable_gqa=grouped)
+
+
+def test_keyed_attention_dropout_handles_grouped_query_attention():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, heads, 5, 8, generator=g) for heads in (4, 2, 2))
+    apply, key = ftrain.ModuleApply(GroupedAttention()), ftrain.random.key(3)
+    grouped = apply({}, {}, q, k, v, key=key)[0]
+    torch.testing.assert_close(grouped, apply({}, {}, q, k, v, grouped=False, key=key)[0], rtol=0, atol=0)
+    assert not torch.equal(grouped, apply({}, {}, q, k, v, key=ftrain.random.key(4))[0])  # (keyed masks)
+    # And a Llama with attention dropout trains (it raised NotImplementedError before).
+    state = fresh_state(zoo_models.LLAMA, dropout=0.1)
+    _, metrics = ftrain.make_train_step(zoo_models.LLAMA.loss_fn, compile=False)(state, zoo_models.LLAMA.batches(1)[0])
+    assert torch.isfinite(metrics["loss"])

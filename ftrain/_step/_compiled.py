@@ -32,7 +32,9 @@ PARTIAL_BATCH = (
     "Drop it (ftrain.data.Loader(drop_last=True)) or pad it, or pass new_shapes='recompile' to allow one more "
     "compile with a dynamic batch dim"
 )
-READS_A_VALUE = "reading a tensor's value in Python (`if tensor:`, `.item()`, `.tolist()`, a Python number from a tensor)"
+READS_A_VALUE = (
+    "reading a tensor's value in Python (`if tensor:`, `.item()`, `.tolist()`, a Python number from a tensor)"
+)
 FUNCTION_INSTANCE = ".*autograd.function.Function'> should not be instantiated"
 GRAPH_BREAKS = (
     "{kind} (fullgraph=False) compiled with {n} graph break(s), each a return to Python between graphs: {where}"
@@ -215,7 +217,8 @@ class _Step:
             with self._context(state):
                 return fn(state, batch)
         # The first call of fn: eager, it is checked on the real tensors.
-        with self._context(state), checks(not self.compiled), GraphBreaks() as breaks, warnings.catch_warnings():
+        breaks = GraphBreaks() if self.compiled and not self.fullgraph else contextlib.nullcontext()
+        with self._context(state), checks(not self.compiled), breaks, warnings.catch_warnings():
             # Dynamo makes an instance of each autograd.Function it traces, which torch warns about
             # (a DeprecationWarning meant for users, an error under -W error): not the user's doing.
             warnings.filterwarnings("ignore", FUNCTION_INSTANCE, DeprecationWarning)
@@ -235,7 +238,7 @@ class _Step:
                 raise step_failure(self.kind, batch, eager_error) from eager_error
         if not self.compiled and check_output:
             self._check_output(state, out)
-        if breaks.breaks:
+        if isinstance(breaks, GraphBreaks) and breaks.breaks:
             where = "; ".join(f"{at} ({reason})" for at, reason in breaks)
             warnings.warn(GRAPH_BREAKS.format(kind=self.kind, n=len(breaks.breaks), where=where), stacklevel=3)
         self._ran.add(id(fn))
@@ -280,9 +283,10 @@ class TrainStep(_Step):
         """
         if self._direct():
             return self.core(state, batch)
-        self._admit(state, batch)
-        if state not in _donate.TRUSTED:
+        _donate.check_alive(state)
+        if state not in _donate.TRUSTED:  # (first: a state that cannot be donated is refused as such)
             _donate.check_no_aliasing(state)
+        self._admit(state, batch)
         if self._donating is None:
             fn = _donate.donating(self.core)
             self._donating = self._compile(fn) if self.compiled else fn

@@ -19,7 +19,6 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-import torch._dynamo.symbolic_convert
 
 from ._checks import is_user_code
 
@@ -103,6 +102,8 @@ class GraphBreaks(logging.Handler):
             self.breaks.append((found.group(1), found.group(2).strip()))
 
     def __enter__(self) -> GraphBreaks:
+        import torch._dynamo.symbolic_convert  # (here, not at import: importing dynamo takes seconds)
+
         log = torch._dynamo.symbolic_convert.graph_break_log
         self._saved = (log.level, log.propagate)
         log.addHandler(self)

@@ -10,9 +10,10 @@ from typing import Any
 import torch
 
 from .. import random, tree
+from .._dropout import NoRandomness
+from .._module import trainable
 from .._state import TrainState
 from ..precision import Policy
-from .._module import trainable
 from ._checks import StepError, check_loss, check_scalar, checking, describe
 
 LossFn = Callable[..., Any]
@@ -121,7 +122,7 @@ def loss_and_grad(
         loss = loss.float()
         return (loss * loss_scale if loss_scale is not None else loss), (loss, metrics, new_buffers)
 
-    if torch._C._functorch.maybe_current_level() is None:
+    if not _under_a_transform(params):
         grads, (loss, metrics, new_buffers) = _autograd(differentiable, differentiated, apply)
     else:  # under a torch.func transform (vmap of a step): autograd.grad cannot see through it
         grads, (_, (loss, metrics, new_buffers)) = torch.func.grad_and_value(differentiable, has_aux=True)(
@@ -132,16 +133,24 @@ def loss_and_grad(
     return grads, loss.detach(), metric_dict(metrics), new_buffers
 
 
+def _under_a_transform(params: dict) -> bool:
+    """Is this called under ``torch.func.vmap`` (or another torch.func transform)?"""
+    if torch.compiler.is_compiling():  # (dynamo cannot trace the level query; it traces this, vmap's case)
+        return any(torch._C._functorch.is_batchedtensor(p) for p in params.values())
+    return torch._C._functorch.maybe_current_level() is not None
+
+
 def _autograd(differentiable: Callable, params: dict, apply: Any) -> tuple[dict, tuple]:
     """``differentiable``'s gradient w.r.t. ``params`` with ``torch.autograd.grad`` (see :func:`loss_and_grad`)."""
     # An eager backward may run the module again (activation checkpointing recomputes a segment):
     # the module's tensors stay bound until it is done. (Compiled, the graph holds the recompute.)
     hold = getattr(apply, "hold", None)
-    held = hold() if hold is not None and not torch.compiler.is_compiling() else contextlib.nullcontext()
-    with torch.enable_grad(), held:
+    eager = hold is not None and not torch.compiler.is_compiling()
+    with torch.enable_grad(), hold() if eager else contextlib.nullcontext():
         leaves = {name: p.detach().requires_grad_() for name, p in params.items()}
         scaled, (loss, metrics, new_buffers) = differentiable(leaves)
-        grads = torch.autograd.grad(scaled, list(leaves.values()), allow_unused=True, materialize_grads=True)
+        with NoRandomness() if eager else contextlib.nullcontext():  # (a recomputed mask would differ)
+            grads = torch.autograd.grad(scaled, list(leaves.values()), allow_unused=True, materialize_grads=True)
     # (Detached: a buffer or metric computed from the params would keep their graph alive in the state.)
     detach = lambda x: x.detach() if isinstance(x, torch.Tensor) else x  # noqa: E731
     return dict(zip(leaves, grads)), (loss, tree.map(detach, metrics), tree.map(detach, new_buffers))

@@ -78,7 +78,9 @@ def make_train_step(
     if mesh is not None and not callable(getattr(mesh, "pmean", None)):
         raise TypeError(f"make_train_step: mesh must be an ftrain.Mesh (with .pmean), got {type(mesh).__name__}")
     core = train_core(loss_fn, Policy.coerce(precision), accumulate, mesh)
-    return TrainStep(core, compile=compile, deterministic=deterministic, new_shapes=new_shapes, backend=backend, fullgraph=fullgraph)
+    return TrainStep(
+        core, compile=compile, deterministic=deterministic, new_shapes=new_shapes, backend=backend, fullgraph=fullgraph
+    )
 
 
 def make_eval_step(
@@ -109,7 +111,9 @@ def make_eval_step(
     """
     check_function(loss_fn, "make_eval_step", LOSS_FN)
     core = eval_core(loss_fn, Policy.coerce(precision))
-    return EvalStep(core, compile=compile, deterministic=deterministic, new_shapes=new_shapes, backend=backend, fullgraph=fullgraph)
+    return EvalStep(
+        core, compile=compile, deterministic=deterministic, new_shapes=new_shapes, backend=backend, fullgraph=fullgraph
+    )
 
 
 def make_predict_step(
@@ -139,7 +143,9 @@ def make_predict_step(
         predict_fn = default_predict
     check_function(predict_fn, "make_predict_step", LOSS_FN)
     core = predict_core(predict_fn, Policy.coerce(precision))
-    return PredictStep(core, compile=compile, deterministic=deterministic, new_shapes=new_shapes, backend=backend, fullgraph=fullgraph)
+    return PredictStep(
+        core, compile=compile, deterministic=deterministic, new_shapes=new_shapes, backend=backend, fullgraph=fullgraph
+    )
 
 
 def compile_step(
@@ -173,4 +179,6 @@ def compile_step(
         1
     """
     check_function(fn, "compile_step", "fn(state, batch) -> (state, metrics)")
-    return TrainStep(fn, compile=compile, deterministic=deterministic, new_shapes=new_shapes, backend=backend, fullgraph=fullgraph)
+    return TrainStep(
+        fn, compile=compile, deterministic=deterministic, new_shapes=new_shapes, backend=backend, fullgraph=fullgraph
+    )
