@@ -29,7 +29,7 @@ from torch.overrides import TorchFunctionMode
 
 from . import random
 
-__all__ = ["KeyedRandomness", "NoRandomness"]
+__all__ = ["KeyedRandomness"]
 
 _GLOBAL_RNG = {
     torch.rand,
@@ -58,7 +58,11 @@ _GLOBAL_RNG = {
 }
 
 
-_DROPOUTS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d}
+CHECKPOINTED_DROPOUT = (
+    "keyed dropout inside an activation-checkpointed segment of an eager step: torch recomputes the segment in "
+    "the backward with its own dropout, so the masks would differ from the forward's. Compile the step (its graph "
+    "recomputes the keyed masks exactly), or run the checkpointed segments without dropout when eager"
+)
 
 
 def _arg(args: tuple, kwargs: dict, i: int, name: str, default: Any) -> Any:
@@ -95,6 +99,8 @@ class KeyedRandomness(TorchFunctionMode):
         return k
 
     def _mask(self, x: torch.Tensor, p: float, shape: tuple[int, ...]) -> torch.Tensor:
+        if not torch.compiler.is_compiling() and _in_checkpointed_segment():
+            raise RuntimeError(CHECKPOINTED_DROPOUT)
         keep = random.uniform(self._next_key(), shape, device=x.device) >= p
         return keep.to(x.dtype) * (1.0 / (1.0 - p))
 
@@ -147,21 +153,8 @@ class KeyedRandomness(TorchFunctionMode):
         return (weights * self._mask(weights, p, tuple(weights.shape))) @ v
 
 
-RECOMPUTED_DROPOUT = (
-    "{func} ran during the eager backward: activation checkpointing recomputes its segment's forward there, "
-    "and keyed dropout masks cannot be replayed outside the step's forward. Compile the step (its graph "
-    "replays them exactly), or keep dropout out of checkpointed segments (dropout 0 there) when eager"
-)
 
-
-class NoRandomness(TorchFunctionMode):
-    """Refuses dropout and global-RNG draws within (an eager backward, which may recompute a
-    checkpointed segment: a mask drawn there would differ from the forward's)."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        drops = func in _DROPOUTS and _arg(args, kwargs, 1, "p", 0.5) > 0 and _arg(args, kwargs, 2, "training", True)
-        attention = func is F.scaled_dot_product_attention and _arg(args, kwargs, 5, "dropout_p", 0.0) > 0
-        if drops or attention or func in _GLOBAL_RNG:
-            raise RuntimeError(RECOMPUTED_DROPOUT.format(func=getattr(func, "__qualname__", func)))
-        return func(*args, **kwargs)
+def _in_checkpointed_segment() -> bool:
+    # torch.utils.checkpoint (non-reentrant) runs its segment under its own saved-tensor hooks.
+    hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    return hooks is not None and getattr(hooks[0], "__module__", None) == "torch.utils.checkpoint"

@@ -457,3 +457,12 @@ def test_keyed_attention_dropout_handles_grouped_query_attention():
     state = fresh_state(zoo_models.LLAMA, dropout=0.1)
     _, metrics = ftrain.make_train_step(zoo_models.LLAMA.loss_fn, compile=False)(state, zoo_models.LLAMA.batches(1)[0])
     assert torch.isfinite(metrics["loss"])
+
+
+def test_eager_activation_checkpointing_refuses_keyed_dropout_in_a_segment():
+    # torch's recompute in the backward would draw its own masks: wrong gradients, so it is refused.
+    state = ftrain.TrainState.create(zoo_models.GPT2.build(0, dropout=0.1), optim.sgd(0.1))
+    state.apply_fn.module.activation_checkpointing_enable({"use_reentrant": False})
+    step = ftrain.make_train_step(zoo_models.GPT2.loss_fn, compile=False)
+    with pytest.raises(RuntimeError, match="activation-checkpointed segment"):
+        step(state, zoo_models.GPT2.batches(1)[0])

@@ -10,7 +10,6 @@ from typing import Any
 import torch
 
 from .. import random, tree
-from .._dropout import NoRandomness
 from .._module import trainable
 from .._state import TrainState
 from ..precision import Policy
@@ -149,8 +148,7 @@ def _autograd(differentiable: Callable, params: dict, apply: Any) -> tuple[dict,
     with torch.enable_grad(), hold() if eager else contextlib.nullcontext():
         leaves = {name: p.detach().requires_grad_() for name, p in params.items()}
         scaled, (loss, metrics, new_buffers) = differentiable(leaves)
-        with NoRandomness() if eager else contextlib.nullcontext():  # (a recomputed mask would differ)
-            grads = torch.autograd.grad(scaled, list(leaves.values()), allow_unused=True, materialize_grads=True)
+        grads = torch.autograd.grad(scaled, list(leaves.values()), allow_unused=True, materialize_grads=True)
     # (Detached: a buffer or metric computed from the params would keep their graph alive in the state.)
     detach = lambda x: x.detach() if isinstance(x, torch.Tensor) else x  # noqa: E731
     return dict(zip(leaves, grads)), (loss, tree.map(detach, metrics), tree.map(detach, new_buffers))
