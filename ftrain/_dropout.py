@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.overrides import TorchFunctionMode
 
 from . import random
@@ -59,9 +60,9 @@ _GLOBAL_RNG = {
 
 
 CHECKPOINTED_DROPOUT = (
-    "keyed dropout inside an activation-checkpointed segment of an eager step: torch recomputes the segment in "
-    "the backward with its own dropout, so the masks would differ from the forward's. Compile the step (its graph "
-    "recomputes the keyed masks exactly), or run the checkpointed segments without dropout when eager"
+    "dropout inside an activation-checkpointed segment is not supported: torch recomputes the segment in the "
+    "backward, and there (eagerly) draws other masks than the forward's, or (compiled) refuses random ops in a "
+    "recomputed region. Keep dropout out of checkpointed segments (set their dropout to 0; dropout elsewhere is fine)"
 )
 
 
@@ -99,7 +100,8 @@ class KeyedRandomness(TorchFunctionMode):
         return k
 
     def _mask(self, x: torch.Tensor, p: float, shape: tuple[int, ...]) -> torch.Tensor:
-        if not torch.compiler.is_compiling() and _in_checkpointed_segment():
+        # (Checked eagerly: compiled, torch refuses the recompute itself and the step reports this eager error.)
+        if not (torch.compiler.is_compiling() or isinstance(x, FakeTensor)) and _in_checkpointed_segment():
             raise RuntimeError(CHECKPOINTED_DROPOUT)
         keep = random.uniform(self._next_key(), shape, device=x.device) >= p
         return keep.to(x.dtype) * (1.0 / (1.0 - p))
@@ -151,7 +153,6 @@ class KeyedRandomness(TorchFunctionMode):
             )
         weights = torch.softmax(scores, dim=-1)
         return (weights * self._mask(weights, p, tuple(weights.shape))) @ v
-
 
 
 def _in_checkpointed_segment() -> bool:

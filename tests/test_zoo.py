@@ -158,9 +158,9 @@ def test_gpt2_keeps_its_embeddings_tied_and_trains_with_keyed_dropout():
 class Classifier(nn.Module):
     """An encoder and a head, as in fine-tuning: freeze the encoder, train the head."""
 
-    def __init__(self, checkpointed: bool = False, custom: bool = False):
+    def __init__(self, checkpointed: bool = False, custom: bool = False, dropout: float = 0.0):
         super().__init__()
-        self.encoder = nn.Sequential(nn.Linear(8, 16), nn.Tanh())
+        self.encoder = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Dropout(dropout))
         self.head = nn.Linear(16, 3)
         self.checkpointed, self.custom = checkpointed, custom
 
@@ -459,10 +459,17 @@ def test_keyed_attention_dropout_handles_grouped_query_attention():
     assert torch.isfinite(metrics["loss"])
 
 
-def test_eager_activation_checkpointing_refuses_keyed_dropout_in_a_segment():
-    # torch's recompute in the backward would draw its own masks: wrong gradients, so it is refused.
+def test_eager_activation_checkpointing_refuses_dropout_in_a_segment():
+    # torch's recompute in the backward would draw other masks: wrong gradients, so it is refused.
     state = ftrain.TrainState.create(zoo_models.GPT2.build(0, dropout=0.1), optim.sgd(0.1))
     state.apply_fn.module.activation_checkpointing_enable({"use_reentrant": False})
     step = ftrain.make_train_step(zoo_models.GPT2.loss_fn, compile=False)
-    with pytest.raises(RuntimeError, match="activation-checkpointed segment"):
+    with pytest.raises(RuntimeError, match="activation-checkpointed segment is not supported"):
         step(state, zoo_models.GPT2.batches(1)[0])
+
+
+def test_dropout_inside_a_checkpointed_segment_is_refused_compiled_too():
+    state = ftrain.TrainState.create(Classifier(checkpointed=True, dropout=0.5), optim.sgd(0.1))
+    step = ftrain.make_train_step(classifier_loss, backend="aot_eager")
+    with pytest.raises(ftrain.StepError, match="activation-checkpointed segment is not supported"):
+        step(state, classifier_batches(1)[0])
