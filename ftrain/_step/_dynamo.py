@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import re
+import types
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -64,13 +65,24 @@ class _Settings:
 
 def compile_fn(fn: Callable, *, fullgraph: bool, backend: Callable) -> Callable:
     """``torch.compile(fn, fullgraph=fullgraph, backend=backend)``, called under ftrain's dynamo settings."""
-    compiled = torch.compile(fn, fullgraph=fullgraph, backend=backend)
+    compiled = torch.compile(_own_code(fn), fullgraph=fullgraph, backend=backend)
 
     def run(*args: Any) -> Any:
         with _Settings():
             return compiled(*args)
 
     return run
+
+
+def _own_code(fn: Callable) -> Callable:
+    """``fn`` with a code object of its own. Dynamo keeps its graphs, and counts recompiles against
+    its limit (8), per code object: every step's core is the same function body (a closure over
+    its loss_fn), so without this the ninth step made in a process would fail to compile."""
+    if not isinstance(fn, types.FunctionType):
+        return fn
+    own = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    own.__kwdefaults__, own.__qualname__ = fn.__kwdefaults__, fn.__qualname__
+    return own
 
 
 def untraceable(kind: str, error: BaseException) -> str | None:
