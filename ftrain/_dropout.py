@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.overrides import TorchFunctionMode
 
 from . import random
@@ -56,6 +57,13 @@ _GLOBAL_RNG = {
     torch.Tensor.bernoulli,
     torch.Tensor.multinomial,
 }
+
+
+CHECKPOINTED_DROPOUT = (
+    "dropout inside an activation-checkpointed segment is not supported: torch recomputes the segment in the "
+    "backward, and there (eagerly) draws other masks than the forward's, or (compiled) refuses random ops in a "
+    "recomputed region. Keep dropout out of checkpointed segments (set their dropout to 0; dropout elsewhere is fine)"
+)
 
 
 def _arg(args: tuple, kwargs: dict, i: int, name: str, default: Any) -> Any:
@@ -92,6 +100,9 @@ class KeyedRandomness(TorchFunctionMode):
         return k
 
     def _mask(self, x: torch.Tensor, p: float, shape: tuple[int, ...]) -> torch.Tensor:
+        # (Checked eagerly: compiled, torch refuses the recompute itself and the step reports this eager error.)
+        if not (torch.compiler.is_compiling() or isinstance(x, FakeTensor)) and _in_checkpointed_segment():
+            raise RuntimeError(CHECKPOINTED_DROPOUT)
         keep = random.uniform(self._next_key(), shape, device=x.device) >= p
         return keep.to(x.dtype) * (1.0 / (1.0 - p))
 
@@ -128,10 +139,9 @@ class KeyedRandomness(TorchFunctionMode):
         p = _arg(args, kwargs, 5, "dropout_p", 0.0)
         is_causal = _arg(args, kwargs, 6, "is_causal", False)
         scale = _arg(args, kwargs, 7, "scale", None)
-        if _arg(args, kwargs, 8, "enable_gqa", False):
-            raise NotImplementedError(
-                "keyed attention dropout does not support enable_gqa=True; repeat k/v heads first"
-            )
+        if _arg(args, kwargs, 8, "enable_gqa", False):  # grouped-query attention (Llama): each k/v head serves a group
+            group = q.shape[-3] // k.shape[-3]
+            k, v = k.repeat_interleave(group, dim=-3), v.repeat_interleave(group, dim=-3)
         scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
         scores = (q @ k.transpose(-2, -1)) * scale
         if is_causal:
@@ -143,3 +153,9 @@ class KeyedRandomness(TorchFunctionMode):
             )
         weights = torch.softmax(scores, dim=-1)
         return (weights * self._mask(weights, p, tuple(weights.shape))) @ v
+
+
+def _in_checkpointed_segment() -> bool:
+    # torch.utils.checkpoint (non-reentrant) runs its segment under its own saved-tensor hooks.
+    hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    return hooks is not None and getattr(hooks[0], "__module__", None) == "torch.utils.checkpoint"

@@ -8,7 +8,9 @@ export or plain-PyTorch use.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -18,7 +20,7 @@ from torch.func import functional_call
 from . import random
 from ._dropout import KeyedRandomness
 
-__all__ = ["BoundApply", "ModuleApply", "extract", "to_meta", "to_module"]
+__all__ = ["BoundApply", "ModuleApply", "extract", "to_meta", "to_module", "trainable"]
 
 
 def extract(module: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -76,6 +78,10 @@ class ModuleApply:
     of separately built copies of a model share one tree structure (and can be
     stacked for ``vmap``).
 
+    ``frozen`` holds the names of the parameters that had ``requires_grad=False``
+    when the apply was made: steps take no gradient for them and optimizers do
+    not update them (see :func:`trainable`).
+
     Example:
         >>> import torch
         >>> from torch import nn
@@ -89,7 +95,13 @@ class ModuleApply:
 
     def __init__(self, module: nn.Module):
         self.module = module
-        self._signature = (type(module), repr(module))
+        self.frozen = frozenset(name for name, p in module.named_parameters() if not p.requires_grad)
+        self._signature = (type(module), repr(module), self.frozen)
+        self._slots: list[tuple[dict, str, str, bool, torch.Tensor]] | None = None
+        self._holding = 0
+        # Whether eager keyed calls need the dropout-rerouting mode (see __call__): yes for dropout
+        # modules; otherwise until a keyed training forward has run under it and drawn nothing.
+        self._draws: bool | None = True if _has_dropout(module) else None
 
     def __call__(
         self, params: dict, buffers: dict, *args: Any, key: torch.Tensor | None = None, **kwargs: Any
@@ -99,11 +111,54 @@ class ModuleApply:
         Without ``key`` dropout uses torch's global RNG, as the plain module would.
         """
         new_buffers = {name: b.clone() for name, b in buffers.items()}
-        if key is None:
-            return functional_call(self.module, (params, new_buffers), args, kwargs), new_buffers
-        with KeyedRandomness(key):  # reroutes dropout to key-driven masks
-            out = functional_call(self.module, (params, new_buffers), args, kwargs)
-        return out, new_buffers
+        if torch.compiler.is_compiling():  # (dynamo traces functional_call's swap; nothing is left bound)
+            if key is None:
+                return functional_call(self.module, (params, new_buffers), args, kwargs), new_buffers
+            with KeyedRandomness(key):  # reroutes dropout to key-driven masks
+                return functional_call(self.module, (params, new_buffers), args, kwargs), new_buffers
+        self._bind(params, new_buffers)
+        try:
+            if key is None or self._draws is False:
+                return self.module(*args, **kwargs), new_buffers
+            mode = KeyedRandomness(key)
+            with mode:
+                out = self.module(*args, **kwargs)
+            # A TorchFunctionMode costs Python on every torch call (half a small model's eager forward):
+            # a model without dropout modules whose keyed training forward drew nothing (and called
+            # no global-RNG function, which raises in the mode) runs later eager calls without it.
+            if self._draws is None and self.module.training:
+                self._draws = mode.calls > 0
+            return out, new_buffers
+        finally:
+            if not self._holding:
+                self._unbind()
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[None]:
+        """Keep the tensors of the calls made within bound to the module until the context exits.
+
+        An eager backward may run the module again (activation checkpointing recomputes its
+        segments then), after the call that bound the tensors has returned.
+        """
+        self._holding += 1
+        try:
+            yield
+        finally:
+            self._holding -= 1
+            if not self._holding:
+                self._unbind()
+
+    def _bind(self, params: dict, buffers: dict) -> None:
+        # Eager calls set the module's tensor slots directly: functional_call walks the module
+        # tree and checks ties on every call, a measurable part of a small model's step.
+        if self._slots is None:
+            self._slots = _tensor_slots(self.module)
+        for slots, attr, name, is_param, _ in self._slots:
+            slots[attr] = params[name] if is_param else buffers[name]
+
+    def _unbind(self) -> None:
+        for slots, attr, _, _, skeleton in self._slots or ():
+            slots[attr] = skeleton
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, ModuleApply) and self._signature == other._signature
@@ -158,6 +213,48 @@ class BoundApply:
         return out, new_buffers
 
 
+def trainable(apply: Any, params: dict) -> dict:
+    """The params a step differentiates and an optimizer updates: all but ``apply``'s frozen ones.
+
+    Example:
+        >>> from torch import nn
+        >>> net = nn.Linear(2, 1)
+        >>> _ = net.bias.requires_grad_(False)
+        >>> params, _ = extract(net)
+        >>> sorted(trainable(ModuleApply(net), params))
+        ['weight']
+    """
+    frozen = getattr(apply, "frozen", None)
+    return {k: v for k, v in params.items() if k not in frozen} if frozen else params
+
+
+def _tensor_slots(module: nn.Module) -> list[tuple[dict, str, str, bool, torch.Tensor]]:
+    """``(owner's _parameters or _buffers, attr, state name, is_param, skeleton tensor)`` for every
+    tensor under every name (a tied tensor's second name gets the first name's state tensor)."""
+    first: dict[int, str] = {}
+    slots = []
+    for is_param, named in (
+        (True, module.named_parameters(remove_duplicate=False)),
+        (False, module.named_buffers(remove_duplicate=False)),
+    ):
+        for name, t in named:
+            owner, attr = _owner(module, name)
+            slots.append(
+                (owner._parameters if is_param else owner._buffers, attr, first.setdefault(id(t), name), is_param, t)
+            )
+    return slots
+
+
+def _has_dropout(module: nn.Module) -> bool:
+    """Does ``module`` hold a dropout module or a dropout rate attribute (transformers' attention_dropout)?"""
+    for sub in module.modules():
+        if isinstance(sub, nn.modules.dropout._DropoutNd) and sub.p > 0:
+            return True
+        if any("drop" in k.lower() and isinstance(v, float) and v > 0 for k, v in vars(sub).items()):
+            return True
+    return False
+
+
 def to_module(apply: ModuleApply, params: dict, buffers: dict) -> nn.Module:
     """A fresh real module holding ``params`` and ``buffers`` (cloned; the state is untouched).
 
@@ -175,7 +272,10 @@ def to_module(apply: ModuleApply, params: dict, buffers: dict) -> nn.Module:
             f"unexpected {sorted(given - expected)}"
         )
     # Rebuild by identity so that tied tensors (one Parameter under two names) stay tied.
-    fresh = {id(p): nn.Parameter(params[n].detach().clone()) for n, p in module.named_parameters()}
+    fresh = {
+        id(p): nn.Parameter(params[n].detach().clone(), requires_grad=p.requires_grad)  # (frozen stays frozen)
+        for n, p in module.named_parameters()
+    }
     fresh.update({id(b): buffers[n].detach().clone() for n, b in module.named_buffers()})
     for name, p in module.named_parameters(remove_duplicate=False):
         owner, attr = _owner(module, name)

@@ -10,10 +10,16 @@ import torch
 from torch import nn
 
 from . import random, tree
-from ._module import ModuleApply, extract, to_meta, to_module
+from ._module import ModuleApply, extract, to_meta, to_module, trainable
 from .optim._base import GradientTransformation, apply_updates
 
 __all__ = ["TrainState", "static_field"]
+
+
+ALL_FROZEN = (
+    "TrainState.create: every parameter of {model} has requires_grad=False, so there is nothing to train; "
+    "unfreeze the part to train (e.g. model.head.requires_grad_(True)) before creating the state"
+)
 
 
 def static_field(**kwargs: Any) -> Any:
@@ -97,6 +103,8 @@ class TrainState:
                 f"got {type(tx).__name__}; torch.optim optimizers mutate in place and cannot live in a pure state"
             )
         params, buffers = extract(model)
+        if params and not any(p.requires_grad for p in model.parameters()):
+            raise ValueError(ALL_FROZEN.format(model=type(model).__name__))
         if not params:
             raise ValueError(
                 f"TrainState.create: {type(model).__name__} has no parameters, so there is nothing to train; "
@@ -107,16 +115,16 @@ class TrainState:
         else:
             random.check_key(key, "TrainState.create(key=...)")
         device = tree.device_of(params)
-        to_meta(model)
+        apply = ModuleApply(to_meta(model))
         with torch.no_grad():
-            opt_state = tx.init(params)
+            opt_state = tx.init(trainable(apply, params))
         return cls(
             step=torch.zeros((), dtype=torch.int64, device=device),
             params=params,
             buffers=buffers,
             opt_state=opt_state,
             key=key.to(device),
-            apply_fn=ModuleApply(model),
+            apply_fn=apply,
             tx=tx,
             **fields,
         )
@@ -131,14 +139,19 @@ class TrainState:
     def apply_gradients(self, grads: Any, **changes: Any) -> TrainState:
         """One optimizer step: a new state with updated params, opt_state and ``step + 1``.
 
-        ``grads`` must have the structure of ``params``. Extra keyword arguments
-        replace other fields in the same call (e.g. ``buffers=new_buffers``).
+        ``grads`` must have the structure of ``params``, less the frozen ones (those with
+        ``requires_grad=False`` when the state was created, which are never updated). Extra
+        keyword arguments replace other fields in the same call (e.g. ``buffers=new_buffers``).
         """
-        tree.assert_same_structure(self.params, grads, names=["params", "grads"])
+        params = trainable(self.apply_fn, self.params)
+        names = ["params" if params is self.params else "trainable params", "grads"]
+        tree.assert_same_structure(params, grads, names=names)
         with torch.no_grad():
-            updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
-            params = apply_updates(self.params, updates)
-        return self.replace(step=self.step + 1, params=params, opt_state=opt_state, **changes)
+            updates, opt_state = self.tx.update(grads, self.opt_state, params)
+            updated = apply_updates(params, updates)
+        if params is not self.params:  # frozen params: kept as they are, in their places
+            updated = {name: updated.get(name, p) for name, p in self.params.items()}
+        return self.replace(step=self.step + 1, params=updated, opt_state=opt_state, **changes)
 
     def to_module(self) -> nn.Module:
         """A real ``nn.Module`` holding copies of this state's params and buffers.

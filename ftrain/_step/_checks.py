@@ -173,21 +173,28 @@ def check_train_output(state: Any, out: Any) -> None:
 def step_failure(kind: str, batch: Any, error: BaseException, when: str = "") -> StepError:
     """The short :class:`StepError` for a step that raised ``error``, pointing at the user's line."""
     return StepError(
-        f"{kind} failed on a batch of {describe(batch)}{when}: {type(error).__name__}: {error}{_user_frame(error)}\n"
+        f"{kind} failed on a batch of {describe(batch)}{when}: {type(error).__name__}: {error}{user_frame(error)}\n"
         f"Run make_{kind}(..., compile=False) for the eager traceback."
     )
 
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _FTRAIN_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the ftrain package root
+_STDLIB_DIR = os.path.dirname(os.__file__)  # (contextlib, logging: never the line to look at)
 
 
-def _user_frame(e: BaseException) -> str:
+def is_user_code(path: str) -> bool:
+    """Is the source file ``path`` the user's or a library's they use (not torch's, ftrain's or Python's own)?"""
+    if path.startswith((_TORCH_DIR, _FTRAIN_DIR)):
+        return False
+    return not path.startswith(_STDLIB_DIR) or "site-packages" in path
+
+
+def user_frame(e: BaseException) -> str:
     """`` (at file:line in fn)`` for the innermost frame of ``e`` that is user code."""
     tb, found = e.__traceback__, None
     while tb is not None:
-        path = tb.tb_frame.f_code.co_filename
-        if not path.startswith((_TORCH_DIR, _FTRAIN_DIR)) and "/contextlib.py" not in path:
+        if is_user_code(tb.tb_frame.f_code.co_filename):
             found = tb
         tb = tb.tb_next
     if found is None:

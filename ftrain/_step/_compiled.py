@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
+import weakref
 from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
 
 from .. import tree
 from .._module import ModuleApply
@@ -21,7 +23,8 @@ from .._state import TrainState
 from .._validate import check_one_of
 from . import _donate
 from ._cache import CachedCompile
-from ._checks import DonatedStateError, StepError, check_metrics, check_train_output, checks, step_failure
+from ._checks import DonatedStateError, StepError, check_metrics, check_train_output, checks, step_failure, user_frame
+from ._dynamo import UNTRACEABLE, GraphBreaks, Scoped, compile_fn, own_code, untraceable
 
 NewShapes = Literal["error", "recompile"]
 
@@ -29,6 +32,13 @@ PARTIAL_BATCH = (
     "{kind}: {where} has batch size {size} but the step was compiled for {size0}: a partial last batch? "
     "Drop it (ftrain.data.Loader(drop_last=True)) or pad it, or pass new_shapes='recompile' to allow one more "
     "compile with a dynamic batch dim"
+)
+READS_A_VALUE = (
+    "reading a tensor's value in Python (`if tensor:`, `.item()`, `.tolist()`, a Python number from a tensor)"
+)
+FUNCTION_INSTANCE = ".*autograd.function.Function'> should not be instantiated"
+GRAPH_BREAKS = (
+    "{kind} (fullgraph=False) compiled with {n} graph break(s), each a return to Python between graphs: {where}"
 )
 
 
@@ -90,6 +100,7 @@ class _Step:
         new_shapes: NewShapes,
         backend: str | Callable = "inductor",
         cache: bool = True,
+        fullgraph: bool = True,
     ):
         self.new_shapes = check_one_of(new_shapes, "new_shapes", ("error", "recompile"), who=type(self).__name__)
         self.core = core
@@ -97,6 +108,8 @@ class _Step:
         self.deterministic = deterministic
         self.cache = cache
         self._backend = backend
+        self.fullgraph = fullgraph
+        self._models: dict[int, weakref.ref] = {}  # the models (apply_fns) checked so far, by identity
         self._counters: list[_CountingBackend | CachedCompile] = []
         self._fn = self._compile(core) if compile else core
         self._signature: tuple | None = None  # the first batch's
@@ -109,13 +122,13 @@ class _Step:
         return sum(c.count for c in self._counters)
 
     def _compile(self, fn: Callable) -> Callable:
-        if self.cache:  # served from the persistent cache, or compiled ahead of time and saved there
-            cached = CachedCompile(fn, backend=self._backend)
+        if self.cache and self.fullgraph:  # served from the persistent cache, or compiled ahead of time and saved there
+            cached = CachedCompile(own_code(fn), backend=self._backend)
             self._counters.append(cached)
-            return cached
+            return Scoped(cached)
         counter = _CountingBackend(self._backend)
         self._counters.append(counter)
-        return torch.compile(fn, fullgraph=True, backend=counter)
+        return compile_fn(fn, fullgraph=self.fullgraph, backend=counter)
 
     def _direct(self) -> bool:
         # Under torch.func.vmap/grad or while dynamo traces an outer function, be just the pure core.
@@ -125,9 +138,10 @@ class _Step:
         _donate.check_alive(state)
         leaves, spec = tree.flatten(batch)  # (the hot path: paths only when something differs)
         signature = (spec, tuple((x.shape, x.dtype) if isinstance(x, torch.Tensor) else x for x in leaves))
-        if signature in self._seen:
+        seen, new_model = signature in self._seen, self.compiled and self._new_model(state)
+        if seen and not new_model:
             return
-        if self._signature is not None and self.new_shapes == "error":
+        if not seen and self._signature is not None and self.new_shapes == "error":
             self._compare(signature, tree.flatten_with_path(batch)[0])
         if self.compiled and not self._served(fn, state, batch):
             self._precheck(state, batch)
@@ -135,6 +149,18 @@ class _Step:
             self._signature = signature
         if len(self._seen) < 64:  # (bounded: a stream of new shapes only re-runs the cheap fake check)
             self._seen.add(signature)
+
+    def _new_model(self, state: Any) -> bool:
+        """Is ``state``'s model object new to this step? Then it is checked on fake tensors first: a model
+        may set attributes in its first forward (transformers sets ``config.problem_type``), and the
+        compiled graph's guards must see the settled values, or a new state would recompile."""
+        apply = getattr(state, "apply_fn", None)
+        known = self._models.get(id(apply))
+        if not isinstance(apply, ModuleApply) or (known is not None and known() is apply):
+            return False
+        if len(self._models) < 64:
+            self._models[id(apply)] = weakref.ref(apply)
+        return True
 
     def _compare(self, signature: tuple, paths: list[str]) -> None:
         spec0, sig0 = self._signature
@@ -167,6 +193,7 @@ class _Step:
 
     def _served(self, fn: Callable, state: Any, batch: Any) -> bool:
         """Whether ``fn`` loaded its graph for this batch from the cache: it was checked before it was saved."""
+        fn = getattr(fn, "fn", fn)  # (a Scoped call)
         if not isinstance(fn, CachedCompile):
             return False
         with self._context(state):  # (the key and the guards cover grad mode and determinism)
@@ -185,6 +212,10 @@ class _Step:
             self._check_output(state, out)
         except (StepError, DonatedStateError):
             raise
+        except DataDependentOutputException as e:
+            if not self.fullgraph:  # (dynamo breaks the graph there; the fake check cannot go past it)
+                return
+            raise StepError(UNTRACEABLE.format(kind=self.kind, what=READS_A_VALUE, where=user_frame(e))) from None
         except Exception as e:
             raise step_failure(self.kind, batch, e, " (checked before compiling, on fake tensors)") from None
         finally:
@@ -201,12 +232,19 @@ class _Step:
             with self._context(state):
                 return fn(state, batch)
         # The first call of fn: eager, it is checked on the real tensors.
-        with self._context(state), checks(not self.compiled):
+        breaks = GraphBreaks() if self.compiled and not self.fullgraph else contextlib.nullcontext()
+        with self._context(state), checks(not self.compiled), breaks, warnings.catch_warnings():
+            # Dynamo makes an instance of each autograd.Function it traces, which torch warns about
+            # (a DeprecationWarning meant for users, an error under -W error): not the user's doing.
+            warnings.filterwarnings("ignore", FUNCTION_INSTANCE, DeprecationWarning)
             try:
                 out = fn(state, batch)
-            except Exception:
+            except Exception as e:
                 if not self.compiled:
                     raise
+                message = untraceable(self.kind, e)
+                if message is not None:
+                    raise StepError(message) from None
                 # A failure dynamo's fake tensors missed: the eager error names the real problem.
                 eager_error = _eager_error(self.core, state, batch)
                 if eager_error is None:
@@ -215,6 +253,9 @@ class _Step:
                 raise step_failure(self.kind, batch, eager_error) from eager_error
         if not self.compiled and check_output:
             self._check_output(state, out)
+        if isinstance(breaks, GraphBreaks) and breaks.breaks:
+            where = "; ".join(f"{at} ({reason})" for at, reason in breaks)
+            warnings.warn(GRAPH_BREAKS.format(kind=self.kind, n=len(breaks.breaks), where=where), stacklevel=3)
         self._ran.add(id(fn))
         return out
 
@@ -257,12 +298,13 @@ class TrainStep(_Step):
         """
         if self._direct():
             return self.core(state, batch)
+        _donate.check_alive(state)
+        if state not in _donate.TRUSTED:  # (first: a state that cannot be donated is refused as such)
+            _donate.check_no_aliasing(state)
         if self._donating is None:
             fn = _donate.donating(self.core)
             self._donating = self._compile(fn) if self.compiled else fn
         self._admit(state, batch, self._donating)
-        if state not in _donate.TRUSTED:
-            _donate.check_no_aliasing(state)
         metrics = self._run(self._donating, state, batch, check_output=False)
         new_state = _donate.hand_over(state)
         with contextlib.suppress(TypeError):  # (a plain dict state cannot be weakly referenced: checked each time)

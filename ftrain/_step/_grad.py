@@ -3,13 +3,14 @@ predict cores that :mod:`._compiled` wraps (all traceable: each compiles into on
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 
 from .. import optim, random, tree
-from .._module import BoundApply, ModuleApply
+from .._module import BoundApply, ModuleApply, trainable
 from .._state import TrainState
 from ..precision import Policy
 from ._checks import StepError, check_buffers_returned, check_loss, check_scalar, checking, describe
@@ -20,6 +21,10 @@ NEEDS_LOSS_SCALE = (
     "precision {dtype} with loss scaling needs a state with a loss_scale field; {state} has none: "
     "build it with ftrain.precision.ScaledTrainState.create(...) (or add `loss_scale: DynamicScale` to your "
     "TrainState subclass)"
+)
+PYTHON_LOSS = (
+    "loss_fn returned a Python {what} as the loss; return it as a 0-d tensor computed from the params, "
+    "without .item() or float() (nothing can be differentiated through a Python number)"
 )
 NOT_DIVISIBLE = (
     "accumulate={n} splits every batch leaf along dim 0 into {n} equal micro-batches, but {where} is {what}; "
@@ -71,6 +76,8 @@ def split_loss_output(out: Any, buffers: dict) -> tuple[torch.Tensor, dict, dict
                 "metrics: return loss, (loss, metrics) or (loss, metrics, new_buffers)"
             )
         return out[0], dict(metrics), (out[2] if len(out) == 3 else buffers)
+    if isinstance(out, (int, float)):
+        raise StepError(PYTHON_LOSS.format(what=type(out).__name__))
     raise StepError(f"loss_fn returned {describe(out)}; return loss, (loss, metrics) or (loss, metrics, new_buffers)")
 
 
@@ -90,7 +97,12 @@ def loss_and_grad(
     ``loss_fn(apply, params, buffers, batch, key)`` is called once, under the precision policy's
     autocast; the loss is taken in float32. With ``loss_scale`` (a 0-d tensor) the loss is
     multiplied by it before the backward and the gradients divided by it after (float16).
-    Built on ``torch.func.grad_and_value``, so it is pure and compiles to one graph.
+    ``apply``'s frozen params (``requires_grad=False`` when the state was created) get no
+    gradient: they are constants to autograd, and ``grads`` has no entry for them.
+
+    The gradient is plain ``torch.autograd.grad`` on fresh leaves (pure all the same: nothing is
+    accumulated into the state), traced into the step's one graph when compiled; under
+    ``torch.func.vmap`` (an ensemble) it is ``torch.func.grad_and_value``.
 
     The ``apply`` the ``loss_fn`` receives is bound to ``key``: a call without ``key=`` draws its
     dropout masks from it too. On the step's checked first call, a ``loss_fn`` that leaves out
@@ -111,8 +123,11 @@ def loss_and_grad(
     policy = Policy.coerce(precision)
     device_type = tree.device_of(params).type
     bound = bind_key(apply, key)
+    differentiated = trainable(apply, params)
 
     def differentiable(p: dict) -> tuple[torch.Tensor, tuple]:
+        if p is not differentiated:  # (the frozen params back in, in their places)
+            p = {name: p.get(name, value) for name, value in params.items()}
         with policy.autocast(device_type):
             out = loss_fn(bound, p, buffers, batch, key)
         loss, metrics, new_buffers = split_loss_output(out, buffers)
@@ -122,10 +137,37 @@ def loss_and_grad(
         loss = loss.float()
         return (loss * loss_scale if loss_scale is not None else loss), (loss, metrics, new_buffers)
 
-    grads, (_, (loss, metrics, new_buffers)) = torch.func.grad_and_value(differentiable, has_aux=True)(params)
+    if not _under_a_transform(params):
+        grads, (loss, metrics, new_buffers) = _autograd(differentiable, differentiated, apply)
+    else:  # under a torch.func transform (vmap of a step): autograd.grad cannot see through it
+        grads, (_, (loss, metrics, new_buffers)) = torch.func.grad_and_value(differentiable, has_aux=True)(
+            dict(differentiated)
+        )
     if loss_scale is not None:
         grads = tree.map(lambda g: g / loss_scale, grads)
     return grads, loss.detach(), metric_dict(metrics), new_buffers
+
+
+def _under_a_transform(params: dict) -> bool:
+    """Is this called under ``torch.func.vmap`` (or another torch.func transform)?"""
+    if torch.compiler.is_compiling():  # (dynamo cannot trace the level query; it traces this, vmap's case)
+        return any(torch._C._functorch.is_batchedtensor(p) for p in params.values())
+    return torch._C._functorch.maybe_current_level() is not None
+
+
+def _autograd(differentiable: Callable, params: dict, apply: Any) -> tuple[dict, tuple]:
+    """``differentiable``'s gradient w.r.t. ``params`` with ``torch.autograd.grad`` (see :func:`loss_and_grad`)."""
+    # An eager backward may run the module again (activation checkpointing recomputes a segment):
+    # the module's tensors stay bound until it is done. (Compiled, the graph holds the recompute.)
+    hold = getattr(apply, "hold", None)
+    eager = hold is not None and not torch.compiler.is_compiling()
+    with torch.enable_grad(), hold() if eager else contextlib.nullcontext():
+        leaves = {name: p.detach().requires_grad_() for name, p in params.items()}
+        scaled, (loss, metrics, new_buffers) = differentiable(leaves)
+        grads = torch.autograd.grad(scaled, list(leaves.values()), allow_unused=True, materialize_grads=True)
+    # (Detached: a buffer or metric computed from the params would keep their graph alive in the state.)
+    detach = lambda x: x.detach() if isinstance(x, torch.Tensor) else x  # noqa: E731
+    return dict(zip(leaves, grads)), (loss, tree.map(detach, metrics), tree.map(detach, new_buffers))
 
 
 def train_core(
@@ -164,7 +206,8 @@ def train_core(
         if mesh is not None:
             # One call, so the metrics and the new float buffers (BatchNorm's running stats, which
             # each rank updated from its own slice) ride in the gradients' packed all-reduce.
-            grads, metrics, buffers = mesh.pmean((grads, metrics, buffers), like=(state.params, metrics, buffers))
+            like = (trainable(state.apply_fn, state.params), metrics, buffers)
+            grads, metrics, buffers = mesh.pmean((grads, metrics, buffers), like=like)
         if step_metrics:
             new, reported = optim.record(state.apply_gradients, grads, gradients=grads, buffers=buffers)
             metrics = {**update_metrics(grads, reported), **metrics}

@@ -26,6 +26,7 @@ def make_train_step(
     backend: str | Callable = "inductor",
     step_metrics: bool = True,
     cache: bool = True,
+    fullgraph: bool = True,
 ) -> TrainStep:
     """Build ``train_step(state, batch) -> (new_state, metrics)`` from a loss function.
 
@@ -67,6 +68,11 @@ def make_train_step(
             by default ``~/.cache/ftrain``) when a process compiled it before, and save it
             there when not, so a rerun starts without compiling. ``False`` compiles it in this
             process, every time. See the Steps page for what the cache key covers.
+        fullgraph: ``True`` (default): the step is one graph, and Python the compiler cannot trace
+            (a branch on a tensor's value, an unknown C call) is a :class:`StepError` naming the
+            line. ``False`` lets torch break the step into several graphs there: still correct
+            and compiled once, slower (it warns once with the breaks and where they are; see
+            docs/your-model.md).
 
     Example:
         >>> import torch, ftrain
@@ -85,7 +91,13 @@ def make_train_step(
         raise TypeError(f"make_train_step: mesh must be an ftrain.Mesh (with .pmean), got {type(mesh).__name__}")
     core = train_core(loss_fn, Policy.coerce(precision), accumulate, mesh, step_metrics=step_metrics)
     return TrainStep(
-        core, compile=compile, deterministic=deterministic, new_shapes=new_shapes, backend=backend, cache=cache
+        core,
+        compile=compile,
+        deterministic=deterministic,
+        new_shapes=new_shapes,
+        backend=backend,
+        cache=cache,
+        fullgraph=fullgraph,
     )
 
 
@@ -99,6 +111,7 @@ def make_eval_step(
     backend: str | Callable = "inductor",
     mesh: Any = None,
     cache: bool = True,
+    fullgraph: bool = True,
 ) -> EvalStep:
     """Build ``eval_step(state, batch) -> metrics`` from the same ``loss_fn`` as the train step.
 
@@ -121,7 +134,13 @@ def make_eval_step(
     check_function(loss_fn, "make_eval_step", LOSS_FN)
     core = eval_core(loss_fn, Policy.coerce(precision))
     step = EvalStep(
-        core, compile=compile, deterministic=deterministic, new_shapes=new_shapes, backend=backend, cache=cache
+        core,
+        compile=compile,
+        deterministic=deterministic,
+        new_shapes=new_shapes,
+        backend=backend,
+        cache=cache,
+        fullgraph=fullgraph,
     )
     step.mesh = mesh
     return step
@@ -136,6 +155,7 @@ def make_predict_step(
     deterministic: bool = True,
     new_shapes: NewShapes = "recompile",
     backend: str | Callable = "inductor",
+    fullgraph: bool = True,
 ) -> PredictStep:
     """Build ``predict_step(state, batch) -> outputs`` (module in eval mode).
 
@@ -155,7 +175,13 @@ def make_predict_step(
     check_function(predict_fn, "make_predict_step", LOSS_FN)
     core = predict_core(predict_fn, Policy.coerce(precision))
     return PredictStep(
-        core, compile=compile, deterministic=deterministic, new_shapes=new_shapes, backend=backend, cache=cache
+        core,
+        compile=compile,
+        deterministic=deterministic,
+        new_shapes=new_shapes,
+        backend=backend,
+        cache=cache,
+        fullgraph=fullgraph,
     )
 
 
@@ -167,6 +193,7 @@ def compile_step(
     new_shapes: NewShapes = "error",
     backend: str | Callable = "inductor",
     cache: bool = True,
+    fullgraph: bool = True,
 ) -> TrainStep:
     """Compile your own pure ``fn(state, batch) -> (new_state, metrics)`` as a train step.
 
@@ -192,5 +219,11 @@ def compile_step(
     """
     check_function(fn, "compile_step", "fn(state, batch) -> (state, metrics)")
     return TrainStep(
-        fn, compile=compile, deterministic=deterministic, new_shapes=new_shapes, backend=backend, cache=cache
+        fn,
+        compile=compile,
+        deterministic=deterministic,
+        new_shapes=new_shapes,
+        backend=backend,
+        cache=cache,
+        fullgraph=fullgraph,
     )

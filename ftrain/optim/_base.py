@@ -96,6 +96,10 @@ def apply_updates(params: PyTree, updates: PyTree) -> PyTree:
     tensor([2., 2.])
     """
     tree.assert_same_structure(params, updates, names=["params", "updates"])
+    lists = foreach_leaves(params, updates)
+    if lists is not None and all(p.dtype == u.dtype for p, u in zip(*lists[0])):
+        (p, u), spec = lists
+        return tree.unflatten(spec, torch._foreach_add(p, u))
     return tree.map(lambda p, u: (p + u).to(p.dtype), params, updates)
 
 
@@ -135,6 +139,26 @@ def check_hyperparam(
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{owner}: {name} must be a float (or a tensor/schedule), got {value!r}")
     check_number(value, name, who=owner, low=low, high=high, open_low=low_open, open_high=high_open)
+
+
+def foreach_leaves(*trees: PyTree, scalars: tuple = ()) -> tuple[list[list[torch.Tensor]], Any] | None:
+    """The leaves of same-structured ``trees`` as lists for torch's ``_foreach_*`` kernels, and the
+    structure to rebuild them with, or ``None`` to compute leaf by leaf.
+
+    Eager, one foreach kernel does for all leaves what a per-leaf op does one leaf at a time (the
+    per-leaf dispatch dominates a small model's optimizer step, as it does in ``torch.optim``,
+    whose default is foreach). ``None`` under ``torch.compile`` (inductor fuses the per-leaf code
+    into the step's kernels already) or ``torch.func`` transforms, when a leaf is not a tensor, or when one of ``scalars`` (the
+    hyperparameters the caller uses) is a tensor (an injected hyperparameter).
+    """
+    if torch.compiler.is_compiling() or torch._C._functorch.maybe_current_level() is not None:
+        return None  # (and under vmap: foreach kernels have no batching rule)
+    if any(is_tensor_hyperparam(x) for x in scalars):
+        return None
+    leaves, spec = tree.flatten(trees[0])
+    if not leaves or not all(isinstance(x, torch.Tensor) for x in leaves):
+        return None
+    return [leaves, *(spec.flatten_up_to(t) for t in trees[1:])], spec
 
 
 def cast_like(value: Any, like: torch.Tensor) -> Any:

@@ -25,6 +25,7 @@ from ._base import (
     ScalarOrSchedule,
     cast_like,
     check_hyperparam,
+    foreach_leaves,
     materialize,
     need_params,
     zero_count,
@@ -77,11 +78,21 @@ def _check_moment_decays(owner: str, b1: Any, b2: Any, eps: Any) -> None:
 
 def _first_moment(updates: PyTree, mu: PyTree, decay: Any) -> PyTree:
     """``m <- decay * m + (1 - decay) * g``, as torch's ``exp_avg.lerp_(g, 1 - decay)`` (same rounding)."""
+    lists = foreach_leaves(updates, mu, scalars=(decay,))
+    if lists is not None:
+        (g, m), spec = lists
+        return tree.unflatten(spec, torch._foreach_lerp(m, g, 1.0 - decay))
     return tree.map(lambda g, m: torch.lerp(m, g, cast_like(_one_minus(decay), m)), updates, mu)
 
 
 def _second_moment(updates: PyTree, nu: PyTree, decay: Any) -> PyTree:
     """``v <- decay * v + (1 - decay) * g * g``, in torch's order of operations."""
+    lists = foreach_leaves(updates, nu, scalars=(decay,))
+    if lists is not None:  # (torch.optim's own foreach arithmetic)
+        (g, v), spec = lists
+        v = torch._foreach_mul(v, decay)
+        torch._foreach_addcmul_(v, g, g, 1.0 - decay)
+        return tree.unflatten(spec, v)
     return tree.map(lambda g, v: v * cast_like(decay, v) + cast_like(_one_minus(decay), v) * g * g, updates, nu)
 
 
@@ -101,6 +112,10 @@ def scale(step_size: Scalar) -> GradientTransformation:
         return EmptyState()
 
     def update(updates: PyTree, state: EmptyState, params: PyTree = None) -> tuple[PyTree, EmptyState]:
+        lists = foreach_leaves(updates, scalars=(step_size,))
+        if lists is not None:
+            (u,), spec = lists
+            return tree.unflatten(spec, torch._foreach_mul(u, step_size)), state
         return tree.map(lambda u: u * cast_like(step_size, u), updates), state
 
     return GradientTransformation(init, update)
@@ -191,6 +206,10 @@ def add_decayed_weights(weight_decay: Scalar = 0.0, mask: Any = None) -> Gradien
 
     def update(updates: PyTree, state: EmptyState, params: PyTree = None):
         need_params("add_decayed_weights", params)
+        lists = foreach_leaves(updates, params, scalars=(weight_decay,))
+        if lists is not None:
+            (u, p), spec = lists
+            return tree.unflatten(spec, torch._foreach_add(u, p, alpha=weight_decay)), state
         return tree.map(lambda u, p: u + cast_like(weight_decay, p) * p, updates, params), state
 
     tx = GradientTransformation(init, update)
@@ -286,7 +305,17 @@ def scale_by_adam(
             denom = torch.sqrt(v) / bc2_sqrt.to(v.dtype) + cast_like(eps, v)
             return (m / bc1.to(m.dtype)) / denom
 
-        return tree.map(direction, mu, second), ScaleByAdamState(count, mu, nu, nu_max)
+        new_state = ScaleByAdamState(count, mu, nu, nu_max)
+        lists = foreach_leaves(mu, second, scalars=(eps,))
+        if lists is None:
+            return tree.map(direction, mu, second), new_state
+        (m, v), spec = lists
+        denom = torch._foreach_sqrt(v)
+        torch._foreach_div_(denom, bc2_sqrt)
+        torch._foreach_add_(denom, eps)
+        u = torch._foreach_div(m, bc1)
+        torch._foreach_div_(u, denom)
+        return tree.unflatten(spec, u), new_state
 
     return GradientTransformation(init, update)
 
