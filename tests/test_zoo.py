@@ -317,7 +317,7 @@ class Untraceable(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.linear(x)
-        if self.how == "branch" and out.sum() > 0:  # a Python branch on a tensor's value
+        if self.how == "branch" and out.abs().sum() > 0:  # a Python branch on a tensor's value (always taken)
             out = out * 2
         if self.how == "break":
             torch._dynamo.graph_break()  # (what an untraceable library call does to the compiler)

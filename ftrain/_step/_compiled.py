@@ -36,7 +36,12 @@ PARTIAL_BATCH = (
 READS_A_VALUE = (
     "reading a tensor's value in Python (`if tensor:`, `.item()`, `.tolist()`, a Python number from a tensor)"
 )
-FUNCTION_INSTANCE = ".*autograd.function.Function'> should not be instantiated"
+TRACING_WARNINGS = (
+    # dynamo makes an instance of each autograd.Function it traces
+    (".*autograd.function.Function'> should not be instantiated", DeprecationWarning),
+    # dynamo probes .grad on the non-leaf tensors a graph break hands to the next graph (fullgraph=False)
+    ("The .grad attribute of a Tensor that is not a leaf Tensor is being accessed", UserWarning),
+)
 GRAPH_BREAKS = (
     "{kind} (fullgraph=False) compiled with {n} graph break(s), each a return to Python between graphs: {where}"
 )
@@ -234,9 +239,9 @@ class _Step:
         # The first call of fn: eager, it is checked on the real tensors.
         breaks = GraphBreaks() if self.compiled and not self.fullgraph else contextlib.nullcontext()
         with self._context(state), checks(not self.compiled), breaks, warnings.catch_warnings():
-            # Dynamo makes an instance of each autograd.Function it traces, which torch warns about
-            # (a DeprecationWarning meant for users, an error under -W error): not the user's doing.
-            warnings.filterwarnings("ignore", FUNCTION_INSTANCE, DeprecationWarning)
+            # Warnings torch raises at its own tracing (meant for users' code; errors under -W error).
+            for message, category in TRACING_WARNINGS:
+                warnings.filterwarnings("ignore", message, category)
             try:
                 out = fn(state, batch)
             except Exception as e:
