@@ -127,8 +127,9 @@ def test_checkpoint_round_trips_and_training_resumes_without_recompiling(trained
     expected, expected_metrics = trained.train_step(trained.state, batch)
     assert tree.equal(tree.leaves(resumed), tree.leaves(expected))
     # T5's forward deep-copies its config, and dynamo guards on that object's identity: a new T5 module
-    # object compiles once more (transformers' and dynamo's doing, not a state's).
-    expected_compiles = 2 if trained.model.name == "t5" else 1
+    # object compiles once more (transformers' and dynamo's doing, not a state's) -- unless the step is
+    # served by ftrain's cache, whose key (not object identity) decides what the saved graph serves.
+    expected_compiles = 2 if trained.model.name == "t5" and not trained.train_step.cache else 1
     assert trained.train_step.num_compiles == expected_compiles, "a restored state (another module object) recompiled"
 
 
