@@ -146,10 +146,11 @@ def memory_table(args: argparse.Namespace) -> None:
             path = os.pathsep.join([os.path.dirname(os.path.abspath(__file__)), *sys.path])
             # Tensors of 64 KiB and up in their own mappings, returned on free: resident memory is live memory.
             env = {**os.environ, "PYTHONPATH": path, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
-            out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
-            mb = float(out.stdout.strip().splitlines()[-1])
+            out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+            errors = [line for line in out.stderr.splitlines() if line.startswith(("RuntimeError", "ftrain."))]
+            result = f"{float(out.stdout.split()[-1]):.0f}" if out.returncode == 0 else f"failed: {errors[-1:]}"
             name = f"{'compiled' if compile else 'eager'}, {'checkpointed' if checkpointing else 'plain'}"
-            print(f"| {name} | {mb:.0f} |", flush=True)
+            print(f"| {name} | {result} |", flush=True)
 
 
 def main() -> None:
