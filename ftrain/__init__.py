@@ -44,6 +44,7 @@ from ._summary import summary as summary
 from ._tuning import LRFindResult as LRFindResult
 from ._tuning import find_batch_size as find_batch_size
 from ._tuning import lr_find as lr_find
+from ._version import VERSION as __version__  # noqa: F401 (the public version attribute)
 from .checkpoint import CheckpointManager as CheckpointManager
 from .checkpoint import ShardedCheckpointManager as ShardedCheckpointManager
 from .loop import evaluate as evaluate
@@ -53,17 +54,3 @@ from .loop import limit_batches as limit_batches
 from .loop import overfit_batches as overfit_batches
 from .loop import predict as predict
 from .mesh import Mesh as Mesh
-
-
-def _installed_version() -> str:
-    # One source of truth: pyproject.toml's version, as installed (a source tree run without
-    # installing reports 0+unknown rather than a stale literal).
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("ftrain")
-    except PackageNotFoundError:
-        return "0+unknown"
-
-
-__version__ = _installed_version()

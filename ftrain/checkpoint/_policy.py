@@ -29,6 +29,7 @@ import torch
 
 from .. import tree
 from .._validate import check_int, check_number
+from .._version import VERSION
 
 __all__ = [
     "FORMAT",
@@ -318,12 +319,10 @@ class CheckpointPolicy:
             )
         version = meta.get("format_version")
         if isinstance(version, bool) or version not in _READABLE:
-            from .. import __version__
-
             writer = (meta.get("versions") or {}).get("ftrain", "unknown")
             readable = ", ".join(map(str, _READABLE))
             raise CheckpointError(
-                NEWER_FORMAT.format(where=where, version=version, writer=writer, reader=__version__, readable=readable)
+                NEWER_FORMAT.format(where=where, version=version, writer=writer, reader=VERSION, readable=readable)
             )
         return meta
 
@@ -640,9 +639,7 @@ def _json(value: Any, name: str, who: str) -> Any:
 def _versions(packages: tuple[str, ...]) -> dict[str, str]:
     from importlib import metadata
 
-    from .. import __version__
-
-    versions = {"ftrain": __version__, "torch": torch.__version__, "python": sys.version.split()[0]}
+    versions = {"ftrain": VERSION, "torch": torch.__version__, "python": sys.version.split()[0]}
     for package in packages:
         try:
             versions[package] = metadata.version(package)
