@@ -64,11 +64,13 @@ def _graph() -> dict[str, set[str]]:
     modules = _sources()
     graph: dict[str, set[str]] = {m: set() for m in modules}
     for m, path in modules.items():
-        for target, _, _ in _imports(path):
-            # importing a.b.c runs a and a.b first; the package __init__ of m's own parents is not an edge
+        for target, names, _ in _imports(path):
+            # Importing a.b.c runs a and a.b first, and m's own parent packages are loaded before m: a
+            # parent is not an edge, unless m takes a name from it (`from .. import __version__`): that
+            # reaches up into the package's __init__, which imports everything below.
             while target and target not in modules:
                 target = target.rpartition(".")[0]
-            if target and target != m and not m.startswith(target + "."):
+            if target and target != m and (names or not m.startswith(target + ".")):
                 graph[m].add(target)
     return graph
 
