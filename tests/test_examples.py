@@ -23,6 +23,7 @@ REPORTS = {
     "lr_find.py": "suggested learning rate",
     "ddp.py": "val accuracy",
     "sweep.py": "best member",
+    "finetune.py": "encoder weights unchanged after training: True",
 }
 
 
