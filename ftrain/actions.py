@@ -458,7 +458,9 @@ class Checkpoint(Action):
     The manager is an :class:`ftrain.checkpoint.Checkpointer` (such as
     :class:`ftrain.CheckpointManager`). The data position (``data.state_dict()``,
     when the data has one) and the latest published metrics (for keeping the best
-    checkpoints) are saved with the state. It runs after the other actions, so a
+    checkpoints) are saved with the state, and so are the run ids of the writers that log
+    into a tracker's run (:class:`ftrain.writers.MLflow`, :class:`~ftrain.writers.WandB`), so
+    a resumed ``fit`` continues those runs. It runs after the other actions, so a
     checkpoint sees this step's evaluation.
 
     When the step donates (overwrites its input state), the state is copied
@@ -509,7 +511,10 @@ class Checkpoint(Action):
         state = run.state
         if run.donating and not self.manager.copies_state:
             state = tree.map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, state)
-        self.manager.save(state, data=_data_position(run.data), metrics=dict(run.latest), force=force)
+        # The trackers' run ids go only to a manager that gets some (one of your own may not take them).
+        runs = run.writer.run_ids()
+        extra = {"trackers": runs} if runs else {}
+        self.manager.save(state, data=_data_position(run.data), metrics=dict(run.latest), force=force, **extra)
         self._last = run.step
 
     def end(self, run: Run) -> None:
