@@ -28,6 +28,7 @@ Example:
 from __future__ import annotations
 
 import csv
+import importlib
 import json
 import math
 import os
@@ -404,12 +405,24 @@ class _TrackerRun:
     under), a ``run_id`` and ``resume(run_id)``; :class:`ftrain.actions.Checkpoint` saves the ids
     (``MultiWriter.run_ids``) and ``fit`` hands them back (``MultiWriter.resume_runs``) before
     the first write of a resumed run. A subclass implements ``_start`` (create the run, or
-    reopen ``self._run_id``) and sets ``self._active`` on rank 0.
+    reopen ``self._run_id``); on rank 0, ``self._package`` is the tracker's package, imported here.
     """
 
     tracker: str
-    _run_id: str | None
-    _active: bool | None  # None: not rank 0 (writes nothing); False: not started; True: started
+
+    def __init__(self, run_id: str | None):
+        self._run_id = run_id
+        self._active: bool | None = None  # None: not rank 0 (writes nothing); False: not started; True: started
+        self._package: Any = None
+        if not is_rank_zero():
+            return
+        try:
+            self._package = importlib.import_module(self.tracker)
+        except ImportError as e:  # pragma: no cover - depends on the environment
+            raise ImportError(
+                f"writers.{type(self).__name__} needs the {self.tracker} package: pip install 'ftrain[{self.tracker}]'"
+            ) from e
+        self._active = False
 
     @property
     def run_id(self) -> str | None:
@@ -475,16 +488,9 @@ class MLflow(_TrackerRun):
         run_id: str | None = None,
         tags: Mapping[str, str] | None = None,
     ):
+        super().__init__(run_id)
         self.experiment, self.run_name, self.tags = experiment, run_name, dict(tags or {})
-        self._run_id, self._active, self._client = run_id, None, None
-        if not is_rank_zero():
-            return
-        try:
-            from mlflow import entities
-            from mlflow.tracking import MlflowClient
-        except ImportError as e:  # pragma: no cover - depends on the environment
-            raise ImportError("writers.MLflow needs the mlflow package: pip install 'ftrain[mlflow]'") from e
-        self._entities, self._client, self._active = entities, MlflowClient(tracking_uri), False
+        self._client = self._package.tracking.MlflowClient(tracking_uri) if self._package is not None else None
 
     def _start(self) -> None:
         if self._run_id is not None:
@@ -499,7 +505,7 @@ class MLflow(_TrackerRun):
         if not self._open():
             return
         now = int(time.time() * 1000)
-        metrics = [self._entities.Metric(k, float(v), now, int(step)) for k, v in scalars.items()]
+        metrics = [self._package.entities.Metric(k, float(v), now, int(step)) for k, v in scalars.items()]
         for i in range(0, len(metrics), 1000):  # MLflow's limit per batch
             self._client.log_batch(self._run_id, metrics=metrics[i : i + 1000])
 
@@ -517,7 +523,7 @@ class MLflow(_TrackerRun):
                 RuntimeWarning,
                 stacklevel=2,
             )
-        params = [self._entities.Param(k, v) for k, v in flat.items() if k not in kept]
+        params = [self._package.entities.Param(k, v) for k, v in flat.items() if k not in kept]
         for i in range(0, len(params), 100):  # MLflow's limit per batch
             self._client.log_batch(self._run_id, params=params[i : i + 100])
 
@@ -567,19 +573,13 @@ class WandB(_TrackerRun):
     tracker = "wandb"
 
     def __init__(self, project: str | None = None, *, run_id: str | None = None, **init_kwargs: Any):
+        super().__init__(run_id)
         self.project, self.init_kwargs = project, init_kwargs
-        self._run_id, self._active, self._run = run_id, None, None
-        if not is_rank_zero():
-            return
-        try:
-            import wandb
-        except ImportError as e:  # pragma: no cover - depends on the environment
-            raise ImportError("writers.WandB needs the wandb package: pip install 'ftrain[wandb]'") from e
-        self._wandb, self._active = wandb, False
+        self._run: Any = None
 
     def _start(self) -> None:
         kwargs = {"reinit": "create_new", **self.init_kwargs}  # (several writers' runs side by side)
-        self._run = self._wandb.init(project=self.project, id=self._run_id, resume="allow", **kwargs)
+        self._run = self._package.init(project=self.project, id=self._run_id, resume="allow", **kwargs)
         self._run_id = self._run.id
 
     def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
@@ -595,7 +595,7 @@ class WandB(_TrackerRun):
     def write_images(self, step: int, images: Mapping[str, torch.Tensor]) -> None:
         """A ``wandb.Image`` per ``(C, H, W)`` tensor, a list of them per ``(N, C, H, W)`` batch."""
         if self._open():
-            logged = {name: [self._wandb.Image(a) for a in arrays] for name, arrays in _images(images)}
+            logged = {name: [self._package.Image(a) for a in arrays] for name, arrays in _images(images)}
             self._run.log({k: v[0] if images[k].dim() == 3 else v for k, v in logged.items()}, step=int(step))
 
     def write_histograms(self, step: int, histograms: Mapping[str, Histogram | torch.Tensor]) -> None:
@@ -603,9 +603,9 @@ class WandB(_TrackerRun):
         if not self._open():
             return
         logged = {
-            name: self._wandb.Histogram(np_histogram=(h.counts, h.edges))
+            name: self._package.Histogram(np_histogram=(h.counts, h.edges))
             if isinstance(h, Histogram)
-            else self._wandb.Histogram(h.detach().cpu().float().numpy())
+            else self._package.Histogram(h.detach().cpu().float().numpy())
             for name, h in histograms.items()
         }
         self._run.log(logged, step=int(step))
