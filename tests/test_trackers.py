@@ -85,7 +85,9 @@ def mlflow_server(tmp_path_factory):
                         break
             except OSError:
                 pass
-            assert time.monotonic() < deadline, f"mlflow server did not start: {(root / 'server.log').read_text()[-3000:]}"
+            assert time.monotonic() < deadline, (
+                f"mlflow server did not start: {(root / 'server.log').read_text()[-3000:]}"
+            )
             time.sleep(1)
         yield uri
     finally:
