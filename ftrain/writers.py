@@ -559,8 +559,8 @@ class WandB(_TrackerRun):
     The run is started (``wandb.init``) at the first write; with a checkpoint manager its id is
     saved with every checkpoint and a resumed ``fit`` continues it (``wandb.init(id=...,
     resume="allow")``), the steps continuing. W&B keeps one history per run and drops a step
-    below the last one it has: a run resumed from a checkpoint older than its last log line (after
-    a crash) loses the steps in between until it passes them. Offline (``mode="offline"`` or
+    below the last one it has: after a crash, the steps between the checkpoint and the crashed
+    run's last log line keep the crashed run's values. Offline (``mode="offline"`` or
     ``WANDB_MODE=offline``) each start is a directory ``wandb/offline-run-*-<id>`` that
     ``wandb sync`` uploads into the one run. :meth:`close` finishes the run (``fit`` only flushes).
 
