@@ -578,8 +578,9 @@ class WandB(_TrackerRun):
         self._run: Any = None
 
     def _start(self) -> None:
-        kwargs = {"reinit": "create_new", **self.init_kwargs}  # (several writers' runs side by side)
-        self._run = self._package.init(project=self.project, id=self._run_id, resume="allow", **kwargs)
+        # reinit: several writers' runs side by side; resume="allow": this id's run if it exists, else a new one
+        kwargs = {"reinit": "create_new", "resume": "allow", **self.init_kwargs}
+        self._run = self._package.init(project=self.project, id=self._run_id, **kwargs)
         self._run_id = self._run.id
 
     def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
@@ -596,7 +597,7 @@ class WandB(_TrackerRun):
         """A ``wandb.Image`` per ``(C, H, W)`` tensor, a list of them per ``(N, C, H, W)`` batch."""
         if self._open():
             logged = {name: [self._package.Image(a) for a in arrays] for name, arrays in _images(images)}
-            self._run.log({k: v[0] if images[k].dim() == 3 else v for k, v in logged.items()}, step=int(step))
+            self._run.log({k: v if images[k].dim() == 4 else v[0] for k, v in logged.items()}, step=int(step))
 
     def write_histograms(self, step: int, histograms: Mapping[str, Histogram | torch.Tensor]) -> None:
         """A ``wandb.Histogram`` per name: a :class:`Histogram`'s counts as they are, or a tensor's values."""

@@ -226,6 +226,19 @@ def test_wandb_offline_logs_metrics_config_histograms_and_a_resumed_fit_continue
     assert sum(histograms[8]["values"]) == 3 and len(histograms[8]["bins"]) == 9  # Linear(3, 1): 3 weights
 
 
+def test_wandb_offline_writes_images_and_text(tmp_path, offline):
+    writer = writers.WandB("ftrain-test", dir=str(tmp_path))
+    writer.write_images(3, {"samples": torch.rand(2, 1, 8, 8), "rgb": torch.rand(3, 4, 4)})
+    writer.write_text(3, {"notes": "hello"})
+    writer.close()
+    (path,) = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / f"run-{writer.run_id}.wandb"))
+    (row,) = [r for r in finished_records(path) if r.WhichOneof("record_type") == "history"]
+    logged = {"/".join(i.nested_key) or i.key: json.loads(i.value_json) for i in row.history.item}
+    assert logged["_step"] == 3 and logged["notes"] == "hello"
+    assert logged["samples/_type"] == "images/separated" and logged["samples/count"] == 2
+    assert logged["rgb/_type"] == "image-file" and (logged["rgb/width"], logged["rgb/height"]) == (4, 4)
+
+
 def test_a_tracker_writer_refuses_a_checkpoint_of_another_run(tmp_path, offline):
     writer = writers.WandB("ftrain-test", run_id="run-a", dir=str(tmp_path))
     writer.resume("run-a")  # the same run: nothing to do
