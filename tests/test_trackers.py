@@ -23,6 +23,7 @@ from ftrain import actions, writers
 
 mlflow = pytest.importorskip("mlflow")
 wandb = pytest.importorskip("wandb")
+pytestmark = pytest.mark.slow  # a tracking server, W&B's service process and a subprocess import
 
 HPARAMS = {"lr": 0.1, "optim": {"name": "sgd"}}
 
