@@ -44,6 +44,7 @@ from . import tree
 from ._batches import to_device
 from ._evaluate import evaluate
 from ._run import Run
+from ._step import loss_and_grad, step_key
 from ._summary import Summary, peak_flops, summary
 from ._validate import check_int, check_number, check_one_of
 from .checkpoint import Checkpointer
@@ -458,7 +459,9 @@ class Checkpoint(Action):
     The manager is an :class:`ftrain.checkpoint.Checkpointer` (such as
     :class:`ftrain.CheckpointManager`). The data position (``data.state_dict()``,
     when the data has one) and the latest published metrics (for keeping the best
-    checkpoints) are saved with the state. It runs after the other actions, so a
+    checkpoints) are saved with the state, and so are the run ids of the writers that log
+    into a tracker's run (:class:`ftrain.writers.MLflow`, :class:`~ftrain.writers.WandB`), so
+    a resumed ``fit`` continues those runs. It runs after the other actions, so a
     checkpoint sees this step's evaluation.
 
     When the step donates (overwrites its input state), the state is copied
@@ -509,7 +512,10 @@ class Checkpoint(Action):
         state = run.state
         if run.donating and not self.manager.copies_state:
             state = tree.map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, state)
-        self.manager.save(state, data=_data_position(run.data), metrics=dict(run.latest), force=force)
+        # The trackers' run ids go only to a manager that gets some (one of your own may not take them).
+        runs = run.writer.run_ids()
+        extra = {"trackers": runs} if runs else {}
+        self.manager.save(state, data=_data_position(run.data), metrics=dict(run.latest), force=force, **extra)
         self._last = run.step
 
     def end(self, run: Run) -> None:
@@ -988,16 +994,26 @@ class Throughput(Periodic):
 
 
 class Histograms(Periodic):
-    """Every ``every`` steps: a histogram of each param tensor, to the writers' ``write_histograms``.
+    """Every ``every`` steps: a histogram of each param tensor, and if asked of its gradient, to ``write_histograms``.
 
     Off unless you add it (``fit(..., actions=[Histograms(every=500)])``). The counts are made on
     the device (``bins`` equal bins between each tensor's min and max) and all tensors' numbers
     come to the host in one copy: one sync per firing. Written as ``params/<name>``
     (:class:`ftrain.writers.Histogram`); writers without ``write_histograms`` skip them.
 
+    **Gradients.** With ``loss_fn`` and ``batch`` it also writes ``grads/<name>``: the gradient of
+    ``loss_fn`` on that one ``batch`` at the current params, recomputed eagerly when the action fires
+    (one forward and backward outside the compiled step, with the step's key). The train step's
+    own gradients live and die inside its compiled graph, so what this shows is not the gradient
+    of the last training batch: it is the gradient of a fixed probe batch, comparable from one
+    firing to the next, as the optimizer receives it (before clipping or Adam's scaling). Frozen
+    params have none.
+
     Args:
         every: the interval (an int is steps).
         bins: bins per histogram.
+        loss_fn: the train step's ``loss_fn``, for gradient histograms (with ``batch``).
+        batch: the probe batch the gradients are taken on (moved to the state's device at the start).
 
     Example:
         >>> import torch, ftrain
@@ -1009,18 +1025,53 @@ class Histograms(Periodic):
 
     order = -8
 
-    def __init__(self, every: Every | int | float = 500, *, bins: int = 64):
+    def __init__(
+        self, every: Every | int | float = 500, *, bins: int = 64, loss_fn: Callable | None = None, batch: Any = None
+    ):
         super().__init__(None, every)
         self.bins = check_int(bins, "bins", who="Histograms")
+        if (loss_fn is None) != (batch is None):
+            raise ValueError(
+                "Histograms: gradient histograms need both loss_fn= and batch= (the batch the gradient is taken on); "
+                f"got loss_fn={loss_fn!r} and batch={'None' if batch is None else type(batch).__name__}"
+            )
+        if loss_fn is not None and not callable(loss_fn):
+            raise TypeError(f"Histograms: loss_fn must be the train step's loss_fn, got {type(loss_fn).__name__}")
+        self.loss_fn, self.batch = loss_fn, batch
+        self._batch: Any = None  # the probe batch on the state's device
+
+    def start(self, run: Run) -> None:
+        super().start(run)
+        if self.loss_fn is not None:
+            self._batch = to_device(self.batch, tree.device_of(run.state))
 
     def act(self, run: Run) -> None:
-        run.writer.write_histograms(run.step, param_histograms(run.state.params, bins=self.bins))
+        state = run.state
+        tensors = {f"params/{name}": p for name, p in state.params.items()}
+        if self.loss_fn is not None:
+            grads, *_ = loss_and_grad(
+                self.loss_fn, state.apply_fn, state.params, state.buffers, self._batch, step_key(state)
+            )
+            tensors.update({f"grads/{name}": g for name, g in grads.items()})
+        run.writer.write_histograms(run.step, histograms(tensors, bins=self.bins))
 
 
 def param_histograms(params: Mapping[str, torch.Tensor], *, bins: int = 64) -> dict[str, Histogram]:
     """``params/<name>`` -> :class:`ftrain.writers.Histogram` for each float tensor, counted on its device, one copy."""
+    return histograms({f"params/{name}": p for name, p in params.items()}, bins=bins)
+
+
+def histograms(tensors: Mapping[str, torch.Tensor], *, bins: int = 64) -> dict[str, Histogram]:
+    """``name`` -> :class:`ftrain.writers.Histogram` for each float tensor, counted on its device, one copy for all.
+
+    Example:
+        >>> import torch
+        >>> h = histograms({"w": torch.tensor([0.0, 0.25, 1.0])}, bins=2)["w"]
+        >>> h.counts, h.edges
+        ([2.0, 1.0], [0.0, 0.5, 1.0])
+    """
     names, rows = [], []
-    for name, p in params.items():
+    for name, p in tensors.items():
         if not (isinstance(p, torch.Tensor) and p.is_floating_point() and p.numel()):
             continue
         x = p.detach().reshape(-1).float()
@@ -1037,5 +1088,5 @@ def param_histograms(params: Mapping[str, torch.Tensor], *, bins: int = 64) -> d
     out = {}
     for name, (lo, hi, num, total, squares, width, *counts) in zip(names, host):
         edges = [lo + i * width for i in range(bins + 1)]
-        out[f"params/{name}"] = Histogram(lo, hi, int(num), total, squares, edges, counts)
+        out[name] = Histogram(lo, hi, int(num), total, squares, edges, counts)
     return out

@@ -34,7 +34,7 @@ from ._run import INTERRUPTED, Preempted, StopSignals, announce
 from ._validate import check_int
 from .actions import Action, Checkpoint, Evaluate, Every, LogMetrics, Periodic, ProgressBar, Run, as_action
 from .checkpoint import PREEMPTION_SIGNALS, Checkpointer
-from .writers import Writer, to_writer
+from .writers import MultiWriter, Writer, to_writer
 
 __all__ = ["evaluate", "fast_dev_run", "fit", "limit_batches", "overfit_batches", "predict"]
 
@@ -96,7 +96,8 @@ def fit(
 
     **Resume.** With ``checkpoint=manager`` and ``resume=True``, ``fit`` first
     restores the latest checkpoint in the manager's directory (and the data
-    position, when ``data`` has ``load_state_dict``), so running the same
+    position, when ``data`` has ``load_state_dict``; a tracker writer such as
+    ``writers.MLflow`` continues the run it saved), so running the same
     command again continues where it stopped. It saves when
     ``manager.should_save(step)``, once more at the end, and waits for async
     saves before returning.
@@ -163,7 +164,7 @@ def fit(
 
     resumed = False
     if saver is not None and resume:
-        state, resumed = _resume(state, data, saver.manager)
+        state, resumed = _resume(state, data, saver.manager, writer)
     start = int(state.step)  # the one host sync before the loop; from here the loop counts steps itself
     if total is not None and start >= total:
         return state
@@ -264,12 +265,16 @@ def _horizon(
     return None, num_epochs
 
 
-def _resume(state: Any, data: Any, manager: Checkpointer) -> tuple[Any, bool]:
-    """The latest checkpoint's state (``state`` if there is none), and whether the data position was restored."""
+def _resume(state: Any, data: Any, manager: Checkpointer, writer: MultiWriter) -> tuple[Any, bool]:
+    """The latest checkpoint's state (``state`` if there is none), and whether the data position was restored.
+
+    The writers that log into a tracker's run continue the run the checkpoint names.
+    """
     restored = manager.restore_latest(state)
     if restored is None:
         return state, False
     state, extras = restored
+    writer.resume_runs((extras or {}).get("trackers") or {})
     position = (extras or {}).get("data")
     if position is None:
         return state, False

@@ -7,6 +7,10 @@ also have ``write_images(step, images)``, ``write_histograms(step, histograms)``
 ``write_text(step, texts)`` (:class:`TensorBoard` does); :class:`MultiWriter` skips the
 writers without them.
 
+:class:`MLflow` and :class:`WandB` log into a tracker's run. Such a writer has a ``tracker``
+name, a ``run_id`` and ``resume(run_id)``: a checkpoint saves the run ids, and a resumed
+:func:`ftrain.fit` continues the same runs (:meth:`MultiWriter.run_ids`, :meth:`MultiWriter.resume_runs`).
+
 Under ``torch.distributed`` only rank 0 writes: every writer here checks the rank on
 each call, so the same script runs unchanged under ``torchrun``.
 
@@ -24,24 +28,40 @@ Example:
 from __future__ import annotations
 
 import csv
+import importlib
 import json
 import math
 import os
 import sys
+import time
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import IO, Any, NamedTuple, Protocol, runtime_checkable
 
 import torch
 
-__all__ = ["CSV", "JSONL", "Console", "MultiWriter", "TensorBoard", "Writer", "is_rank_zero", "to_writer"]
+__all__ = [
+    "CSV",
+    "JSONL",
+    "Console",
+    "MLflow",
+    "MultiWriter",
+    "TensorBoard",
+    "WandB",
+    "Writer",
+    "is_rank_zero",
+    "to_writer",
+]
 
 
 @runtime_checkable
 class Writer(Protocol):
     """What the loop needs from a metrics sink.
 
-    Implement these four methods to send metrics anywhere (wandb, MLflow, a
-    database); no base class is needed.
+    Implement these four methods to send metrics anywhere (a database, a tracker of
+    your own); no base class is needed. A writer that logs into a tracker's run may add a
+    ``tracker`` class attribute (the key its run id is checkpointed under), a ``run_id``
+    property and ``resume(run_id)``, as :class:`MLflow` and :class:`WandB` do.
 
     Example:
         >>> class Collect:
@@ -363,6 +383,249 @@ class TensorBoard:
             self._writer = None
 
 
+def _hwc(image: torch.Tensor) -> Any:
+    """A ``(C, H, W)`` image as the ``(H, W, C)`` (or ``(H, W)``) numpy array trackers take: floats in [0, 1] or uint8."""
+    image = image.detach().cpu()
+    if image.is_floating_point():
+        image = image.float().clamp(0, 1)
+    image = image.permute(1, 2, 0)
+    return (image[..., 0] if image.shape[-1] == 1 else image).numpy()
+
+
+def _images(images: Mapping[str, torch.Tensor]) -> Iterable[tuple[str, list[Any]]]:
+    """``(name, [HWC arrays])`` per entry: one for a ``(C, H, W)`` tensor, N for an ``(N, C, H, W)`` batch."""
+    for name, image in images.items():
+        yield name, [_hwc(i) for i in image] if image.dim() == 4 else [_hwc(image)]
+
+
+class _TrackerRun:
+    """What :class:`MLflow` and :class:`WandB` share: a run, started at the first write, that a checkpoint resumes.
+
+    A writer that logs into a tracker's run has a ``tracker`` name (the key its id is saved
+    under), a ``run_id`` and ``resume(run_id)``; :class:`ftrain.actions.Checkpoint` saves the ids
+    (``MultiWriter.run_ids``) and ``fit`` hands them back (``MultiWriter.resume_runs``) before
+    the first write of a resumed run. A subclass implements ``_start`` (create the run, or
+    reopen ``self._run_id``); on rank 0, ``self._package`` is the tracker's package, imported here.
+    """
+
+    tracker: str
+
+    def __init__(self, run_id: str | None):
+        self._run_id = run_id
+        self._active: bool | None = None  # None: not rank 0 (writes nothing); False: not started; True: started
+        self._package: Any = None
+        if not is_rank_zero():
+            return
+        try:
+            self._package = importlib.import_module(self.tracker)
+        except ImportError as e:  # pragma: no cover - depends on the environment
+            raise ImportError(
+                f"writers.{type(self).__name__} needs the {self.tracker} package: pip install 'ftrain[{self.tracker}]'"
+            ) from e
+        self._active = False
+
+    @property
+    def run_id(self) -> str | None:
+        """The run's id, starting the run if it has none yet (``None`` on ranks other than 0)."""
+        if self._run_id is None:
+            self._open()
+        return self._run_id
+
+    def resume(self, run_id: str) -> None:
+        """Log into the existing run ``run_id`` (``fit`` calls this with the id a checkpoint saved)."""
+        if self._active is None or run_id == self._run_id:
+            return
+        if self._run_id is not None:
+            raise ValueError(
+                f"writers.{type(self).__name__}: the checkpoint being resumed belongs to {self.tracker} run "
+                f"{run_id!r}, but this writer already logs to run {self._run_id!r}; build a new writer (without "
+                "run_id=) to continue the checkpoint's run, or resume=False to start a new one"
+            )
+        self._run_id = run_id
+
+    def _open(self) -> bool:
+        """Start the run on its first use; whether this process writes."""
+        if self._active is False:
+            self._start()
+            self._active = True
+        return bool(self._active)
+
+    def _start(self) -> None:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"writers.{type(self).__name__}(run_id={self._run_id!r})"
+
+
+class MLflow(_TrackerRun):
+    """Scalars, params, text and images to an MLflow run (``pip install 'ftrain[mlflow]'``).
+
+    It talks to MLflow through ``MlflowClient``, never the global active run, so it leaves
+    ``mlflow.start_run`` in your code alone. The run is created (in ``experiment``, made if
+    missing) at the first write; with a checkpoint manager, its id is saved with every checkpoint
+    and a resumed ``fit`` logs into the same run, the steps continuing. :meth:`close` marks the
+    run finished (``fit`` only flushes). Params (``write_hparams``) are strings and cannot change
+    in MLflow: on a resumed run new keys are added, and a changed value is kept as it was, with
+    a warning naming it. Histograms: MLflow has none, so they are skipped.
+
+    Args:
+        experiment: the experiment's name.
+        tracking_uri: the tracking server or store (``http://127.0.0.1:5000``,
+            ``sqlite:///mlflow.db``); default: MLflow's own (``MLFLOW_TRACKING_URI``).
+        run_name: the new run's name.
+        run_id: log into this existing run instead of creating one.
+        tags: tags of the new run.
+    """
+
+    tracker = "mlflow"
+
+    def __init__(
+        self,
+        experiment: str = "ftrain",
+        *,
+        tracking_uri: str | None = None,
+        run_name: str | None = None,
+        run_id: str | None = None,
+        tags: Mapping[str, str] | None = None,
+    ):
+        super().__init__(run_id)
+        self.experiment, self.run_name, self.tags = experiment, run_name, dict(tags or {})
+        self._client = self._package.tracking.MlflowClient(tracking_uri) if self._package is not None else None
+
+    def _start(self) -> None:
+        if self._run_id is not None:
+            self._client.update_run(self._run_id, status="RUNNING")  # (also checks that the run exists)
+            return
+        found = self._client.get_experiment_by_name(self.experiment)
+        experiment = found.experiment_id if found is not None else self._client.create_experiment(self.experiment)
+        self._run_id = self._client.create_run(experiment, run_name=self.run_name, tags=self.tags).info.run_id
+
+    def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+        """One ``log_batch`` of the scalars at ``step``."""
+        if not self._open():
+            return
+        now = int(time.time() * 1000)
+        metrics = [self._package.entities.Metric(k, float(v), now, int(step)) for k, v in scalars.items()]
+        for i in range(0, len(metrics), 1000):  # MLflow's limit per batch
+            self._client.log_batch(self._run_id, metrics=metrics[i : i + 1000])
+
+    def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+        """The hyperparameters as params, flattened (``optim.lr``); values are their ``str``."""
+        if not self._open():
+            return
+        kept = self._client.get_run(self._run_id).data.params
+        flat = {k: str(v) for k, v in _flat(hparams).items()}
+        changed = {k: (kept[k], v) for k, v in flat.items() if k in kept and kept[k] != v}
+        if changed:
+            warnings.warn(
+                f"writers.MLflow: run {self._run_id} keeps its params {changed} as first logged (old, new): "
+                "MLflow params cannot change",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        params = [self._package.entities.Param(k, v) for k, v in flat.items() if k not in kept]
+        for i in range(0, len(params), 100):  # MLflow's limit per batch
+            self._client.log_batch(self._run_id, params=params[i : i + 100])
+
+    def write_images(self, step: int, images: Mapping[str, torch.Tensor]) -> None:
+        """``log_image`` per image (``<name>/<i>`` for each image of an ``(N, C, H, W)`` batch)."""
+        if not self._open():
+            return
+        for name, arrays in _images(images):
+            for i, array in enumerate(arrays):
+                key = name if len(arrays) == 1 else f"{name}/{i}"
+                self._client.log_image(self._run_id, array, key=key, step=int(step))
+
+    def write_text(self, step: int, texts: Mapping[str, str]) -> None:
+        """Each text as the artifact ``<name>/step_<step>.md``."""
+        if not self._open():
+            return
+        for name, text in texts.items():
+            self._client.log_text(self._run_id, text, f"{name}/step_{int(step)}.md")
+
+    def flush(self) -> None:
+        """Nothing is buffered: every write is one request."""
+
+    def close(self) -> None:
+        """Mark the run finished (a later write reopens it)."""
+        if self._active:
+            self._client.set_terminated(self._run_id)
+            self._active = False
+
+
+class WandB(_TrackerRun):
+    """Scalars, config, images, histograms and text to a Weights & Biases run (``pip install 'ftrain[wandb]'``).
+
+    The run is started (``wandb.init``) at the first write; with a checkpoint manager its id is
+    saved with every checkpoint and a resumed ``fit`` continues it (``wandb.init(id=...,
+    resume="allow")``), the steps continuing. W&B keeps one history per run and drops a step
+    below the last one it has: after a crash, the steps between the checkpoint and the crashed
+    run's last log line keep the crashed run's values. Offline (``mode="offline"`` or
+    ``WANDB_MODE=offline``) each start is a directory ``wandb/offline-run-*-<id>`` that
+    ``wandb sync`` uploads into the one run. :meth:`close` finishes the run (``fit`` only flushes).
+
+    Args:
+        project: the W&B project.
+        run_id: continue this existing run instead of starting a new one.
+        **init_kwargs: passed to ``wandb.init`` (``entity=``, ``name=``, ``dir=``, ``mode=``, ``tags=``, ...).
+    """
+
+    tracker = "wandb"
+
+    def __init__(self, project: str | None = None, *, run_id: str | None = None, **init_kwargs: Any):
+        super().__init__(run_id)
+        self.project, self.init_kwargs = project, init_kwargs
+        self._run: Any = None
+
+    def _start(self) -> None:
+        # reinit: several writers' runs side by side; resume="allow": this id's run if it exists, else a new one
+        kwargs = {"reinit": "create_new", "resume": "allow", **self.init_kwargs}
+        self._run = self._package.init(project=self.project, id=self._run_id, **kwargs)
+        self._run_id = self._run.id
+
+    def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+        """``run.log(scalars, step=step)``."""
+        if self._open():
+            self._run.log({k: float(v) for k, v in scalars.items()}, step=int(step))
+
+    def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+        """The hyperparameters into the run's config (a resumed run may change a value)."""
+        if self._open():
+            self._run.config.update(_jsonable(dict(hparams)), allow_val_change=True)
+
+    def write_images(self, step: int, images: Mapping[str, torch.Tensor]) -> None:
+        """A ``wandb.Image`` per ``(C, H, W)`` tensor, a list of them per ``(N, C, H, W)`` batch."""
+        if self._open():
+            logged = {name: [self._package.Image(a) for a in arrays] for name, arrays in _images(images)}
+            self._run.log({k: v if images[k].dim() == 4 else v[0] for k, v in logged.items()}, step=int(step))
+
+    def write_histograms(self, step: int, histograms: Mapping[str, Histogram | torch.Tensor]) -> None:
+        """A ``wandb.Histogram`` per name: a :class:`Histogram`'s counts as they are, or a tensor's values."""
+        if not self._open():
+            return
+        logged = {
+            name: self._package.Histogram(np_histogram=(h.counts, h.edges))
+            if isinstance(h, Histogram)
+            else self._package.Histogram(h.detach().cpu().float().numpy())
+            for name, h in histograms.items()
+        }
+        self._run.log(logged, step=int(step))
+
+    def write_text(self, step: int, texts: Mapping[str, str]) -> None:
+        """Each text as a string in the run's history."""
+        if self._open():
+            self._run.log(dict(texts), step=int(step))
+
+    def flush(self) -> None:
+        """W&B sends in the background; nothing to push."""
+
+    def close(self) -> None:
+        """Finish the run (a later write resumes it)."""
+        if self._active:
+            self._run.finish()
+            self._run, self._active = None, False
+
+
 class MultiWriter:
     """Fan out every call to several writers, in order.
 
@@ -384,7 +647,7 @@ class MultiWriter:
                 raise TypeError(
                     f"MultiWriter: writer {i} is a {type(w).__name__}, which lacks "
                     f"{[m for m in ('write_scalars', 'write_hparams', 'flush', 'close') if not hasattr(w, m)]}; "
-                    "use ftrain.writers.Console/JSONL/CSV/TensorBoard or implement the Writer protocol"
+                    "use ftrain.writers.Console/JSONL/CSV/TensorBoard/MLflow/WandB or implement the Writer protocol"
                 )
 
     def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
@@ -414,6 +677,35 @@ class MultiWriter:
             write = getattr(w, method, None)
             if callable(write):
                 write(step, values)
+
+    def run_ids(self) -> dict[str, str]:
+        """``{tracker: run id}`` of the writers that log into a tracker's run (what a checkpoint saves).
+
+        Example:
+            >>> MultiWriter([Console()]).run_ids()
+            {}
+        """
+        ids: dict[str, str] = {}
+        for w in self._trackers():
+            run_id = w.run_id
+            if run_id is None:
+                continue  # (not rank 0)
+            if ids.get(w.tracker, run_id) != run_id:
+                raise ValueError(
+                    f"MultiWriter: two {w.tracker} writers log to different runs ({ids[w.tracker]!r}, {run_id!r}); "
+                    "a checkpoint keeps one run id per tracker, so keep one of them"
+                )
+            ids[w.tracker] = run_id
+        return ids
+
+    def resume_runs(self, run_ids: Mapping[str, str]) -> None:
+        """Tell each tracker writer the run a checkpoint saved (``run_ids`` as :meth:`run_ids` gave it)."""
+        for w in self._trackers():
+            if w.tracker in run_ids:
+                w.resume(run_ids[w.tracker])
+
+    def _trackers(self) -> list[Any]:
+        return [w for w in self.writers if isinstance(getattr(w, "tracker", None), str)]
 
     def flush(self) -> None:
         """Flush each writer."""

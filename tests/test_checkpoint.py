@@ -405,7 +405,8 @@ def test_both_managers_restore_alike_and_return_the_same_extras(tmp_path, backen
     m = BACKENDS[backend](tmp_path, config={"lr": 1e-3})
     assert m.save(state, data={"epoch": 1, "batch": 4}, metrics={"loss": torch.tensor(0.5)})
     restored, extras = m.restore_latest(make_state(seed=1))
-    assert extras == {"data": {"epoch": 1, "batch": 4}, "step": 2, "metrics": {"loss": 0.5}, "config": {"lr": 1e-3}}
+    expected = {"data": {"epoch": 1, "batch": 4}, "step": 2, "metrics": {"loss": 0.5}, "config": {"lr": 1e-3}}
+    assert extras == {**expected, "trackers": {}}
     assert_same_state(restored, state)
     assert_same_state(m.restore(2, into=make_state(seed=1)), state)
     m.close()

@@ -67,3 +67,39 @@ def test_histograms_action_writes_every_n_steps_with_one_sync(tmp_path):
     ftrain.fit(state, step, [torch.ones(4, 3)] * 4, num_steps=4, log=sink, progress=False,
                actions=[actions.Histograms(every=2, bins=8)])  # fmt: skip
     assert sink.histograms == [(2, ["params/bias", "params/weight"]), (4, ["params/bias", "params/weight"])]
+
+
+def test_histograms_action_writes_the_gradient_of_its_probe_batch_recomputed_eagerly():
+    class Collect(writers.MultiWriter):
+        def __init__(self):
+            super().__init__([])
+            self.seen = {}
+
+        def write_histograms(self, step, histograms):
+            self.seen[step] = histograms
+
+    def loss_fn(apply, params, buffers, batch, key):
+        x, y = batch
+        return torch.nn.functional.mse_loss(apply(params, buffers, x)[0], y)
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    probe = (torch.randn(16, 3), torch.randn(16, 2))
+    state = ftrain.TrainState.create(model, ftrain.optim.sgd(0.1))
+    data = [(torch.randn(4, 3), torch.randn(4, 2))] * 3
+    sink = Collect()
+    state = ftrain.fit(state, ftrain.make_train_step(loss_fn, compile=False), data, num_steps=3, log=sink,
+                       progress=False, actions=[actions.Histograms(every=3, bins=4, loss_fn=loss_fn, batch=probe)])  # fmt: skip
+
+    # By hand: the gradient of the probe batch's loss at the params after step 3 (not of a train batch).
+    w = state.params["weight"].clone().requires_grad_()
+    b = state.params["bias"].clone().requires_grad_()
+    torch.nn.functional.mse_loss(probe[0] @ w.T + b, probe[1]).backward()
+    assert sorted(sink.seen) == [3]
+    h = sink.seen[3]
+    assert sorted(h) == ["grads/bias", "grads/weight", "params/bias", "params/weight"]
+    for name, grad in (("weight", w.grad), ("bias", b.grad)):
+        assert (h[f"grads/{name}"].min, h[f"grads/{name}"].max) == pytest.approx((grad.min(), grad.max()))
+        assert h[f"grads/{name}"].sum == pytest.approx(float(grad.sum())) and h[f"grads/{name}"].num == grad.numel()
+    with pytest.raises(ValueError, match="need both loss_fn= and batch="):
+        actions.Histograms(loss_fn=loss_fn)

@@ -112,7 +112,12 @@ class Checkpointer(Protocol):
     def save(
         self, state: Any, *, data: Record | None = None, metrics: Record | None = None, force: bool = False
     ) -> bool:
-        """Save ``state`` (at ``int(state.step)``) with the data position and metrics; whether it saved."""
+        """Save ``state`` (at ``int(state.step)``) with the data position and metrics; whether it saved.
+
+        When a writer logs into a tracker's run (``ftrain.writers.MLflow``, ``WandB``), the
+        :class:`~ftrain.actions.Checkpoint` action also passes ``trackers={tracker: run id}``, to
+        come back as ``extras["trackers"]``; a manager that never sees such a writer may omit it.
+        """
         ...
 
     def restore_latest(self, template: Any) -> tuple[Any, dict[str, Any]] | None:
@@ -328,7 +333,13 @@ class CheckpointPolicy:
 
     # ------------------------------------------------------------------ save
     def save(
-        self, state: Any, *, data: Record | None = None, metrics: Record | None = None, force: bool = False
+        self,
+        state: Any,
+        *,
+        data: Record | None = None,
+        metrics: Record | None = None,
+        force: bool = False,
+        trackers: Mapping[str, str] | None = None,
     ) -> bool:
         """Save ``state`` as step ``int(state.step)``; returns whether it saved.
 
@@ -342,6 +353,8 @@ class CheckpointPolicy:
             data: the data position, e.g. ``loader.state_dict()`` (JSON-able).
             metrics: numbers (or 0-d tensors) saved with the step; ``best`` ranks by them.
             force: save even when the schedule says no.
+            trackers: the run id of each tracker the run logs to (``{"mlflow": "8f2c..."}``), so a
+                resumed run continues the same tracker runs.
         """
         who = f"{type(self).__name__}.save"
         step = _step_of(state, who)
@@ -365,6 +378,7 @@ class CheckpointPolicy:
             "data": _json(data, "data", who) if data is not None else None,
             "metrics": {str(k): _to_float(v, k, who) for k, v in (metrics or {}).items()},
             "config": self.config,
+            "trackers": _run_ids(trackers, who),
             "versions": _versions(self._packages),
             "time": time.time(),
         }
@@ -471,7 +485,8 @@ class CheckpointPolicy:
         """``(state, extras)`` from the newest readable step, or ``None`` if the directory has none.
 
         ``extras`` has ``"data"`` (the data position saved with the step, or ``None``),
-        ``"step"``, ``"metrics"`` and ``"config"``. A corrupted step is skipped with a warning and
+        ``"step"``, ``"metrics"``, ``"config"`` and ``"trackers"`` (the trackers' run ids, ``{}``
+        when none were saved). A corrupted step is skipped with a warning and
         the previous one is tried.
         """
         self.wait()
@@ -486,7 +501,8 @@ class CheckpointPolicy:
                 errors.append(e)
                 warnings.warn(f"{e}; falling back to an earlier step", RuntimeWarning, stacklevel=2)
                 continue
-            return state, {"data": meta["data"], "step": step, "metrics": meta["metrics"], "config": meta["config"]}
+            extras = {"data": meta["data"], "step": step, "metrics": meta["metrics"], "config": meta["config"]}
+            return state, {**extras, "trackers": meta.get("trackers") or {}}  # (absent before trackers were saved)
         raise CheckpointCorruptedError(
             f"no readable checkpoint in {self.directory}: every step ({steps}) failed; the newest error: {errors[0]}",
             step=errors[0].step,
@@ -626,6 +642,13 @@ def _to_float(value: Any, name: str, who: str) -> float:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     raise TypeError(f"{who}: metric {name!r} must be a number or 0-d tensor, got {type(value).__name__}")
+
+
+def _run_ids(trackers: Mapping[str, str] | None, who: str) -> dict[str, str]:
+    ids = dict(trackers or {})
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in ids.items()):
+        raise TypeError(f"{who}: trackers must map tracker names to run ids, both strings, got {ids!r}")
+    return ids
 
 
 def _json(value: Any, name: str, who: str) -> Any:
