@@ -48,7 +48,7 @@ from torch import nn
 
 from . import random, tree
 from ._state import TrainState
-from ._step import EvalStep, StepError, TrainStep, compile_step, stack_states
+from ._step import EvalStep, TrainStep, compile_step, stack_states
 from ._validate import check_int, check_number, check_one_of
 from .actions import Action, Run
 from .optim import GradientTransformation, get_hyperparams, set_hyperparams
@@ -289,15 +289,16 @@ def deactivate(state: SweepState, members: Sequence[int]) -> SweepState:
 
 
 class _Members:
-    """A stacked state's tensors as the flat list ``torch.func.vmap`` maps over, and back.
+    """A stacked state's tensor leaves as the flat list ``torch.func.vmap`` maps over, and back.
 
-    Dynamo traces pytree code op by op: handing vmap the whole state (with per-leaf in/out dims
-    trees) flattens and rebuilds it a dozen times in the trace, which cost more compile time
-    than the step's math. Here it is flattened once outside vmap and rebuilt once per side.
-    Non-tensor leaves are constants of the step and stay as they are.
+    Dynamo traces torch's pytree code op by op: given the whole state and per-leaf in/out-dims
+    trees, vmap flattened and rebuilt it about a dozen times in the trace of every sweep step.
+    The state is flattened once here, outside vmap, and rebuilt once inside (the member) and
+    once after. Non-tensor leaves (``None`` placeholders) are constants of the step.
     """
 
     def __init__(self, state: Any):
+        self.state = state
         self.leaves, self.spec = tree.traced_flatten(state)
         self.slots = [i for i, x in enumerate(self.leaves) if isinstance(x, torch.Tensor)]
 
@@ -312,9 +313,12 @@ class _Members:
         return tree.traced_unflatten(self.spec, leaves)
 
     def tensors_of(self, state: Any) -> list[torch.Tensor]:
+        """The tensors of ``state``, a member's new state, in the slots of the members' own."""
         leaves, spec = tree.traced_flatten(state)
         if spec != self.spec:
-            raise StepError(f"sweep: a member's step returned a state of structure {spec}, not {self.spec}")
+            names = ["sweep: a member's state", "the state its train step returned"]
+            tree.assert_same_structure(self.state, state, names=names)  # (names the paths that differ)
+            raise ValueError(f"{names[0]} is {self.spec} but {names[1]} is {spec}")
         return [leaves[i] for i in self.slots]
 
 
@@ -373,7 +377,10 @@ def eval_step(step: Callable[[Any, Any], Any], *, compile: bool = True, **option
 
     def sweep_eval(state: SweepState, batch: Any) -> dict:
         members = _Members(state.members)
-        member_eval = lambda tensors, batch: core(members.rebuild(tensors), batch)  # noqa: E731
+
+        def member_eval(tensors: list[torch.Tensor], batch: Any) -> dict:
+            return core(members.rebuild(tensors), batch)
+
         metrics = torch.func.vmap(member_eval, in_dims=(0, None))(members.tensors, batch)
         return _report(metrics, torch.ones_like(state.active))
 
