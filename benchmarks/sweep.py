@@ -125,7 +125,10 @@ def main(argv: list[str] | None = None) -> float:
     times = {}
     for side in runs:
         t = times[side] = measure(side, args)
-        print(f"  {side}: compiling run {t['first_wall']:.1f} s wall, steady run {t['steady_wall']:.2f} s wall", flush=True)
+        print(
+            f"  {side}: compiling run {t['first_wall']:.1f} s wall, steady run {t['steady_wall']:.2f} s wall",
+            flush=True,
+        )
     print(f"{n} members x {args.steps} steps, batch {args.batch_size}, {args.threads} thread(s), "
           f"CPU {torch.backends.cpu.get_cpu_capability()}; CPU seconds:")  # fmt: skip
     for side, t in times.items():
