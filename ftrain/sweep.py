@@ -288,9 +288,38 @@ def deactivate(state: SweepState, members: Sequence[int]) -> SweepState:
 # ---------------------------------------------------------------- steps
 
 
-def _member_dims(x: Any) -> Any:
-    # vmap flattens with torch's pytree: tensors are per member (dim 0), anything else passes through.
-    return tree.traced_map(lambda leaf: 0 if isinstance(leaf, torch.Tensor) else None, x)
+class _Members:
+    """A stacked state's tensor leaves as the flat list ``torch.func.vmap`` maps over, and back.
+
+    Dynamo traces torch's pytree code op by op: given the whole state and per-leaf in/out-dims
+    trees, vmap flattened and rebuilt it about a dozen times in the trace of every sweep step.
+    The state is flattened once here, outside vmap, and rebuilt once inside (the member) and
+    once after. Non-tensor leaves (``None`` placeholders) are constants of the step.
+    """
+
+    def __init__(self, state: Any):
+        self.state = state
+        self.leaves, self.spec = tree.traced_flatten(state)
+        self.slots = [i for i, x in enumerate(self.leaves) if isinstance(x, torch.Tensor)]
+
+    @property
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.leaves[i] for i in self.slots]
+
+    def rebuild(self, tensors: Sequence[torch.Tensor]) -> Any:
+        leaves = list(self.leaves)
+        for i, x in zip(self.slots, tensors):
+            leaves[i] = x
+        return tree.traced_unflatten(self.spec, leaves)
+
+    def tensors_of(self, state: Any) -> list[torch.Tensor]:
+        """The tensors of ``state``, a member's new state, in the slots of the members' own."""
+        leaves, spec = tree.traced_flatten(state)
+        if spec != self.spec:
+            names = ["sweep: a member's state", "the state its train step returned"]
+            tree.assert_same_structure(self.state, state, names=names)  # (names the paths that differ)
+            raise ValueError(f"{names[0]} is {self.spec} but {names[1]} is {spec}")
+        return [leaves[i] for i in self.slots]
 
 
 def _report(metrics: Mapping[str, torch.Tensor], active: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -321,17 +350,18 @@ def train_step(step: Callable[[Any, Any], Any], *, compile: bool = True, **compi
     """
     core = getattr(step, "core", step)
 
-    def member_step(pair: tuple[TrainState, torch.Tensor], batch: Any) -> tuple[Any, dict]:
-        member, active = pair
-        new, metrics = core(member, batch)
-        keep = active & torch.isfinite(metrics["loss"])
-        return (tree.where(keep, new, member), keep), metrics
-
     def sweep_step(state: SweepState, batch: Any) -> tuple[SweepState, dict]:
-        pair = (state.members, state.active)
-        batched = torch.func.vmap(member_step, in_dims=(_member_dims(pair), None), out_dims=(_member_dims(pair), 0))
-        (members, active), metrics = batched(pair, batch)
-        new = SweepState(step=state.step + 1, members=members, active=active, settings=state.settings)
+        members = _Members(state.members)
+
+        def member_step(tensors: list[torch.Tensor], active: torch.Tensor, batch: Any) -> tuple[list, Any, dict]:
+            new, metrics = core(members.rebuild(tensors), batch)
+            keep = active & torch.isfinite(metrics["loss"])
+            return [torch.where(keep, x, old) for x, old in zip(members.tensors_of(new), tensors)], keep, metrics
+
+        tensors, active, metrics = torch.func.vmap(member_step, in_dims=(0, 0, None))(
+            members.tensors, state.active, batch
+        )
+        new = SweepState(step=state.step + 1, members=members.rebuild(tensors), active=active, settings=state.settings)
         return new, _report(metrics, active)
 
     return compile_step(sweep_step, compile=compile, **compile_options)
@@ -346,7 +376,12 @@ def eval_step(step: Callable[[Any, Any], Any], *, compile: bool = True, **option
     core = getattr(step, "core", step)
 
     def sweep_eval(state: SweepState, batch: Any) -> dict:
-        metrics = torch.func.vmap(core, in_dims=(_member_dims(state.members), None))(state.members, batch)
+        members = _Members(state.members)
+
+        def member_eval(tensors: list[torch.Tensor], batch: Any) -> dict:
+            return core(members.rebuild(tensors), batch)
+
+        metrics = torch.func.vmap(member_eval, in_dims=(0, None))(members.tensors, batch)
         return _report(metrics, torch.ones_like(state.active))
 
     defaults = {"deterministic": True, "new_shapes": "error"}

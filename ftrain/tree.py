@@ -59,8 +59,10 @@ __all__ = [
     "register_node",
     "stack",
     "structure",
+    "traced_flatten",
     "traced_leaves",
     "traced_map",
+    "traced_unflatten",
     "unflatten",
     "unstack",
     "where",
@@ -233,6 +235,23 @@ def traced_leaves(tree: PyTree) -> list[Any]:
     [tensor([1.]), None]
     """
     return torch_pytree.tree_leaves(tree)
+
+
+def traced_flatten(tree: PyTree) -> tuple[list[Any], Any]:
+    """:func:`flatten` with torch's pytree (``None`` is a leaf): for code that ``torch.compile`` traces.
+
+    :func:`traced_unflatten` inverts it.
+
+    >>> leaves, spec = traced_flatten({"a": torch.ones(1), "b": None})
+    >>> leaves, traced_unflatten(spec, [torch.zeros(1), None])
+    ([tensor([1.]), None], {'a': tensor([0.]), 'b': None})
+    """
+    return torch_pytree.tree_flatten(tree)
+
+
+def traced_unflatten(treespec: Any, leaves: Sequence[Any]) -> PyTree:
+    """Rebuild a tree from :func:`traced_flatten`'s ``treespec`` and ``leaves``."""
+    return torch_pytree.tree_unflatten(leaves, treespec)
 
 
 def traced_map(fn: Callable[[Any], Any], tree: PyTree) -> PyTree:

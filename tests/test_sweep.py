@@ -172,3 +172,13 @@ def test_bad_settings_are_named():
         sweep.create(make_model, scheduled, sweep.grid(learning_rate=[0.1, 0.2]))
     with pytest.raises(IndexError, match=r"member index must be an int in \[0, 2\), got 5"):
         sweep.create(make_model, TX, sweep.grid(learning_rate=[0.1, 0.2])).member(5)
+
+
+def test_a_member_step_that_changes_the_state_structure_is_named():
+    def core(state, batch):
+        return state.replace(buffers={"extra": torch.zeros(())}), {"loss": torch.zeros(())}
+
+    state = sweep.create(make_model, TX, sweep.grid(learning_rate=[1e-3, 1e-2]))
+    step = sweep.train_step(core, compile=False)
+    with pytest.raises(ValueError, match=r"the state its train step returned.*unexpected.*buffers\['extra'\]"):
+        step(state, next(iter(ftrain.data.Loader(dataset(), 16))))
