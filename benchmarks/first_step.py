@@ -9,10 +9,13 @@ random-init transformers BERT) it starts fresh processes that build the model an
 * ``ftrain warm``: the same again, the caches now filled by the cold run.
 
 Each time is wall clock from just before the process is started to the first step's loss on the
-host; "after import" starts when ``import ftrain`` returned. Then the README's main command
-(``python examples/digits.py``, a full run into a fresh output directory) cold and warm.
+host; "after import" starts when ``import ftrain`` returned. Beside it, the CPU seconds the process
+and its children (the C++ compiler) had used by then: steadier than wall time on a shared machine.
+Then the README's main command (``python examples/digits.py``, a full run into a fresh output
+directory) cold and warm, wall and CPU. ``--repeat N`` runs every row N times (fresh cache
+directories for each cold run) and prints medians.
 
-Run: ``python benchmarks/first_step.py [--models digits char_lm bert] [--no-readme] [--threads 2]``.
+Run: ``python benchmarks/first_step.py [--models digits char_lm bert] [--no-readme] [--threads 2] [--repeat 1]``.
 Every run uses fresh temporary cache directories, so it never touches your own cache.
 """
 
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -29,6 +33,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ("digits", "char_lm", "bert")
+MODES = (("torch (eager loop)", "torch"), ("ftrain cold", "ftrain"), ("ftrain warm", "ftrain"))  # in this order
 
 
 # ----------------------------------------------------------------------------------------------
@@ -90,7 +95,7 @@ def child(name: str, mode: str) -> dict:
         loss = loss_fn(apply, params, buffers, batch, None)[0]
         loss.backward()
         opt.step()
-        return {"imported": imported, "done": time.time(), "loss": float(loss), "compiles": 0}
+        return {"imported": imported, "done": time.time(), "cpu": _cpu(), "loss": float(loss), "compiles": 0}
     import ftrain  # noqa: I001  (timed: "after import" starts here)
 
     imported = time.time()
@@ -102,17 +107,25 @@ def child(name: str, mode: str) -> dict:
     train_step = ftrain.make_train_step(loss_fn)
     state, metrics = train_step.donate(state, batch)  # the form fit runs
     loss = float(metrics["loss"])
-    return {"imported": imported, "done": time.time(), "loss": loss, "compiles": train_step.num_compiles}
+    return {"imported": imported, "done": time.time(), "cpu": _cpu(), "loss": loss, "compiles": train_step.num_compiles}
+
+
+def _cpu() -> float:
+    """CPU seconds this process and its finished children (compilers, compile workers) have used."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
 
 
 # ----------------------------------------------------------------------------------------------
 # The parent: fresh processes, fresh cache directories.
 
 
-def run(args: list[str], env: dict) -> tuple[float, dict | None]:
-    start = time.time()
+def run(args: list[str], env: dict) -> tuple[float, float, dict | None]:
+    """``(wall s, CPU s of the process and its children, the child's report)`` of one fresh process."""
+    before, start = os.times(), time.time()
     proc = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, cwd=ROOT)
-    wall = time.time() - start
+    wall, after = time.time() - start, os.times()
+    cpu = after.children_user + after.children_system - before.children_user - before.children_system
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(args)} failed:\n{proc.stderr[-3000:]}")
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -120,7 +133,7 @@ def run(args: list[str], env: dict) -> tuple[float, dict | None]:
     if report is not None:
         report["from_start"] = report["done"] - start
         report["after_import"] = report["done"] - report["imported"]
-    return wall, report
+    return wall, cpu, report
 
 
 def cache_env(directory: Path, threads: int) -> dict:
@@ -138,6 +151,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--no-readme", action="store_true", help="skip the README command's cold and warm runs")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=1, help="runs of every row; medians are printed")
     parser.add_argument("--child", nargs=2, metavar=("MODEL", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -152,28 +166,42 @@ def main() -> None:
     )
     rows = []
     for name in args.models:
-        with tempfile.TemporaryDirectory(prefix="ftrain-first-step-") as tmp:
-            env = cache_env(Path(tmp), args.threads)
-            me = [__file__, "--child", name]
-            for label, mode in (("torch (eager loop)", "torch"), ("ftrain cold", "ftrain"), ("ftrain warm", "ftrain")):
-                _, report = run([*me, mode], env)
-                rows.append((name, label, report["from_start"], report["after_import"], report["compiles"]))
-                print(f"  {name:8s} {label:20s} {report['from_start']:7.2f} s", flush=True)
+        runs: dict[str, list[tuple]] = {}
+        for _ in range(args.repeat):
+            with tempfile.TemporaryDirectory(prefix="ftrain-first-step-") as tmp:  # (fresh caches: a cold run)
+                env = cache_env(Path(tmp), args.threads)
+                for label, mode in MODES:
+                    _, _, r = run([__file__, "--child", name, mode], env)
+                    runs.setdefault(label, []).append((r["from_start"], r["after_import"], r["cpu"], r["compiles"]))
+                    print(f"  {name:8s} {label:20s} {r['from_start']:7.2f} s, CPU {r['cpu']:7.2f} s", flush=True)
+        rows += [(name, label, *_medians(values)) for label, values in runs.items()]
     if not args.no_readme:
-        with tempfile.TemporaryDirectory(prefix="ftrain-first-step-") as tmp:
-            env = cache_env(Path(tmp), args.threads)
-            for label in ("cold", "warm"):
-                out = Path(tmp) / f"run-{label}"  # a fresh output directory: a full run, not a resume
-                wall, _ = run(["examples/digits.py", "--out", str(out)], env)
-                rows.append(("README", f"python examples/digits.py, {label}", wall, None, None))
-                print(f"  README {label}: {wall:.1f} s", flush=True)
+        runs = {}
+        for _ in range(args.repeat):
+            with tempfile.TemporaryDirectory(prefix="ftrain-first-step-") as tmp:
+                env = cache_env(Path(tmp), args.threads)
+                for label in ("cold", "warm"):
+                    out = Path(tmp) / f"run-{label}"  # a fresh output directory: a full run, not a resume
+                    wall, cpu, _ = run(["examples/digits.py", "--out", str(out)], env)
+                    runs.setdefault(label, []).append((wall, None, cpu, None))
+                    print(f"  README {label}: {wall:.1f} s, CPU {cpu:.1f} s", flush=True)
+        rows += [("README", f"python examples/digits.py, {label}", *_medians(v)) for label, v in runs.items()]
 
-    print("\n| model | run | first step from process start | after `import ftrain` | dynamo compiles |")
-    print("|---|---|---|---|---|")
-    for name, label, from_start, after_import, compiles in rows:
+    print(f"\n(medians of {args.repeat} run(s); load average at the end {os.getloadavg()[0]:.1f})")
+    print("| model | run | first step from process start | after `import ftrain` | CPU s by then | dynamo compiles |")
+    print("|---|---|---|---|---|---|")
+    for name, label, from_start, after_import, cpu, compiles in rows:
         after = "" if after_import is None or label.startswith("torch") else f"{after_import:.2f} s"
         count = "" if compiles is None else str(compiles)
-        print(f"| {name} | {label} | {from_start:.2f} s | {after} | {count} |")
+        print(f"| {name} | {label} | {from_start:.2f} s | {after} | {cpu:.1f} | {count} |")
+
+
+def _medians(values: list[tuple]) -> tuple:
+    """The median of each column of ``values`` (a column of ``None`` stays ``None``; counts take the last)."""
+    cols = list(zip(*values))
+    return tuple(
+        None if col[0] is None else col[-1] if i == 3 else statistics.median(col) for i, col in enumerate(cols)
+    )
 
 
 if __name__ == "__main__":

@@ -20,8 +20,9 @@ import pytest
 import torch
 
 import ftrain
-from ftrain._step import _cache
+from ftrain._step import _cache, _compiled
 from ftrain._step._cache import CachedCompile, Unfingerprintable, cache_dir, fingerprint, step_key_of
+from ftrain._step._dynamo import Scoped
 
 WORKER = str(Path(__file__).with_name("cache_worker.py"))
 pytestmark = pytest.mark.slow
@@ -79,20 +80,14 @@ def test_two_processes_compiling_one_key_at_once_wait_for_one_compile_and_read_n
     assert [f.suffix for f in files] == [".pt2"]  # one artifact, no temp file left
 
 
-# Known failure, under investigation (issue #14 stays open): run after the two-process tests of this
-# file, the in-process run compiles once (its key differs from the subprocesses'), and the directory
-# then holds two artifacts. Alone (pytest -k) both pass. Not strict: they count when they pass.
-_IN_PROCESS_AFTER_TWO_PROCESSES = pytest.mark.xfail(
-    reason="in-process key differs from the subprocesses' after the two-process tests (#14)", strict=False
-)
-
-
-@_IN_PROCESS_AFTER_TWO_PROCESSES
 def test_this_process_serves_the_step_from_the_cache_too(two_runs, monkeypatch):
     directory, runs, _ = two_runs
     monkeypatch.setenv("FTRAIN_CACHE_DIR", str(directory))
+    checked = []
+    monkeypatch.setattr(_compiled._Step, "_precheck", lambda self, *args: checked.append(args))
     params, step = cache_worker.train()
     assert step.num_compiles == 0
+    assert not checked  # found before its first call: a loaded step was checked before it was saved
     assert ftrain.tree.equal(params, runs[0]["params"])
 
 
@@ -115,7 +110,6 @@ def test_fit_compiles_only_the_donating_step_and_the_eval_step_when_it_first_eva
 # -- Faults ------------------------------------------------------------------------------------
 
 
-@_IN_PROCESS_AFTER_TWO_PROCESSES
 def test_a_corrupt_artifact_is_compiled_afresh_with_one_warning_and_replaced(two_runs, tmp_path, monkeypatch):
     directory = tmp_path / "ftrain"
     shutil.copytree(two_runs[0], directory)  # (with inductor's kernels: the recompile is cheap)
@@ -224,6 +218,28 @@ def test_the_torch_version_cpu_and_determinism_are_in_the_key(monkeypatch):
     with torch.no_grad():  # deterministic algorithms off
         assert step_key_of(core, (state, batches[0]), {"backend": "inductor"}) != base
     assert key_of() == base
+
+
+def test_logger_methods_a_library_adds_are_not_in_the_key_but_a_users_skipped_function_is(monkeypatch):
+    # Importing transformers adds Logger.warning_once, which ftrain's compiles then skip in the
+    # graph; a process that imported it must still find the steps of one that did not.
+    base = Scoped(key_of)()
+
+    def warning_once(self, *args, **kwargs):
+        pass
+
+    monkeypatch.setattr(logging.Logger, "warning_once", warning_once, raising=False)
+    assert Scoped(key_of)() == base
+    monkeypatch.setattr(torch._dynamo.config, "ignore_logging_functions", {print})
+    assert Scoped(key_of)() != base
+
+
+def test_an_eager_call_of_the_model_leaves_the_key_as_it_was():
+    # (The apply memoizes its tensor slots and whether it draws; a traced call reads neither.)
+    state, batches = cache_worker.build()
+    before = fingerprint(state)
+    state.apply_fn(state.params, state.buffers, batches[0][0], key=ftrain.random.key(1))
+    assert fingerprint(state) == before
 
 
 def test_a_module_attribute_and_an_optimizer_constant_are_in_the_key():

@@ -41,6 +41,7 @@ from typing import Any
 import torch
 
 from .. import tree
+from .._module import ModuleApply
 
 __all__ = ["CachedCompile", "Unfingerprintable", "cache_dir", "fingerprint", "step_key_of"]
 
@@ -240,6 +241,11 @@ class _Hasher:
             return self._put("logger", obj.name, obj.level)
         if isinstance(obj, torch._ops.OpOverload | torch._ops.OpOverloadPacket):
             return self._put("op", str(obj))
+        if isinstance(obj, ModuleApply):
+            # Its module and frozen names, not the memos its eager calls fill in (tensor slots, whether
+            # it draws): a traced call reads neither, and a first eager run must not change the key.
+            self._put("ModuleApply")
+            return self.add((obj.module, obj.frozen))
         if isinstance(obj, functools.partial):
             self._put("partial")
             return self.add((obj.func, obj.args, obj.keywords))
@@ -411,12 +417,30 @@ def _environment() -> tuple:
         torch.are_deterministic_algorithms_enabled(),
         torch.is_grad_enabled(),
         # (Not their get_hash(): it reprs sets, whose order changes from process to process.)
-        dynamo_config.get_config_copy(),
+        _dynamo_settings(dynamo_config.get_config_copy()),
         inductor_config.get_config_copy(),
         # Global module hooks run inside every forward.
         torch.nn.modules.module._global_forward_hooks,
         torch.nn.modules.module._global_forward_pre_hooks,
     )
+
+
+def _dynamo_settings(config: dict) -> dict:
+    """Dynamo's config without the ``logging.Logger`` methods its graphs skip.
+
+    ftrain's compiles skip every level method the Logger class has (see ``_dynamo.py``), and
+    which ones it has depends on the libraries imported, not on the step: transformers adds
+    ``warning_once``. A step that calls one imports its library, whose version the key holds.
+    """
+    ignored = config.get("ignore_logging_functions")
+    if isinstance(ignored, (set, frozenset)):
+        config["ignore_logging_functions"] = {f for f in ignored if not _is_logger_method(f)}
+    return config
+
+
+def _is_logger_method(fn: Any) -> bool:
+    name = getattr(fn, "__name__", None)
+    return isinstance(name, str) and vars(logging.Logger).get(name) is fn
 
 
 def step_key_of(fn: Callable, args: tuple, options: dict) -> str:

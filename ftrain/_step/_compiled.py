@@ -198,11 +198,12 @@ class _Step:
 
     def _served(self, fn: Callable, state: Any, batch: Any) -> bool:
         """Whether ``fn`` loaded its graph for this batch from the cache: it was checked before it was saved."""
-        fn = getattr(fn, "fn", fn)  # (a Scoped call)
-        if not isinstance(fn, CachedCompile):
+        cached = getattr(fn, "fn", fn)  # (a Scoped call)
+        if not isinstance(cached, CachedCompile):
             return False
-        with self._context(state):  # (the key and the guards cover grad mode and determinism)
-            return fn.prepare(state, batch)
+        # Under what the call runs under: the key and the guards cover grad mode, determinism and dynamo's settings.
+        with self._context(state):
+            return Scoped(cached.prepare)(state, batch)
 
     def _precheck(self, state: Any, batch: Any) -> None:
         """Run the step on fake tensors: catches bad losses and bad batches before dynamo sees them."""
