@@ -123,3 +123,25 @@ def test_tuple_items_give_tuple_batches_like_a_hand_made_batch():
     assert type(batch) is tuple and torch.equal(x, torch.arange(4.0)) and torch.equal(y, torch.arange(4))
     dicts = [{"a": torch.tensor(i)} for i in range(4)]
     assert torch.equal(next(iter(Loader(dicts, 4, shuffle=False)))["a"], torch.arange(4))
+
+
+def test_digits_are_scikit_learns_digits_read_without_importing_scikit_learn():
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, ftrain.datasets as d; d.digits('test'); "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'sklearn'))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"  # seconds of imports saved at every start
+
+    from sklearn.datasets import load_digits
+
+    from ftrain import datasets
+
+    bunch = load_digits()
+    x, y = datasets.digits("train", seed=0, normalize=False).tensors
+    order = torch.randperm(len(bunch.target), generator=torch.Generator().manual_seed(0))[: len(y)]
+    assert torch.equal(x, torch.as_tensor(bunch.data, dtype=torch.float32)[order])
+    assert torch.equal(y, torch.as_tensor(bunch.target, dtype=torch.int64)[order])
