@@ -22,7 +22,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch.utils._python_dispatch import is_in_torch_dispatch_mode
+
+from . import tree
 
 __all__ = ["bernoulli", "bits", "check_key", "fold_in", "is_key", "key", "normal", "randint", "split", "uniform"]
 
@@ -57,19 +58,6 @@ def _hash32_host(x: int) -> int:
 
 def _mix_host(a: int, b: int) -> int:
     return _hash32_host((_hash32_host(a) + ((b * _GOLDEN) & _MASK32) + 1) & _MASK32)
-
-
-def _on_host(*tensors: torch.Tensor) -> bool:
-    """Can these tensors be read in Python at no cost: plain CPU tensors, in eager code, outside
-    ``torch.func`` transforms and dispatch modes (a fake-tensor check, a FLOP counter)?
-
-    Then a key's few integer ops run as Python arithmetic: some 40 tiny tensor ops per
-    :func:`fold_in` cost a tenth of a small model's eager step. Elsewhere reading the values
-    would wait for the device or break a trace, so the tensor ops run.
-    """
-    if torch.compiler.is_compiling() or torch._C._functorch.maybe_current_level() is not None:
-        return False
-    return not is_in_torch_dispatch_mode() and all(type(t) is torch.Tensor and t.device.type == "cpu" for t in tensors)
 
 
 def key(seed: int) -> torch.Tensor:
@@ -128,11 +116,11 @@ def fold_in(k: torch.Tensor, data: int | torch.Tensor) -> torch.Tensor:
             raise TypeError(
                 f"random.fold_in expects an integer scalar, got a tensor of shape {tuple(data.shape)} and dtype {data.dtype}"
             )
-        if _on_host(k, data):
+        if tree.host_readable(k, data):
             return _fold_in_host(k, int(data.reshape(()).to(torch.int64)))
         d = data.reshape(()).to(torch.int64).to(k.device) & _MASK32
     elif isinstance(data, int) and not isinstance(data, bool):
-        if _on_host(k):
+        if tree.host_readable(k):
             return _fold_in_host(k, data)
         d = torch.tensor(data & _MASK32, dtype=torch.int64, device=k.device)
     else:
@@ -143,7 +131,8 @@ def fold_in(k: torch.Tensor, data: int | torch.Tensor) -> torch.Tensor:
 
 
 def _fold_in_host(k: torch.Tensor, data: int) -> torch.Tensor:
-    """:func:`fold_in` of a CPU key, computed in Python (see :func:`_on_host`); the same bits."""
+    """:func:`fold_in` of a CPU key, computed in Python: the same bits as the some 40 tiny tensor ops,
+    which cost a tenth of a small model's eager step."""
     k0, k1 = k.tolist()
     d = data & _MASK32
     return torch.tensor([_mix_host(k0, d), _mix_host(k1 ^ _FOLD_SALT, d)], dtype=torch.int64)
