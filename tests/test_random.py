@@ -121,3 +121,12 @@ def test_fold_in_on_the_host_equals_the_tensor_ops():
             ops = random.fold_in(k, d), random.fold_in(k, torch.tensor(d, dtype=torch.int64)), random.fold_in(k, d % 100)
         assert all(torch.equal(a, b) for a, b in zip(host, ops)), (k0, k1, d)
         assert host[0].dtype == torch.int64 and host[0].shape == (2,)
+
+
+def test_fold_in_of_any_integer_tensor_on_the_host_equals_the_tensor_ops():
+    k = random.key(3)
+    for data in (torch.tensor(2**64 - 5, dtype=torch.uint64), torch.tensor([[7]], dtype=torch.int16),
+                 torch.tensor(True), torch.tensor(-3, dtype=torch.int8), torch.tensor(2**40)):  # fmt: skip
+        with _Passthrough():
+            ops = random.fold_in(k, data)
+        assert torch.equal(random.fold_in(k, data), ops), data
