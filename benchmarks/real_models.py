@@ -6,7 +6,8 @@ example's 64-128-256-10 MLP at batch 64), side by side in one process: a plain P
 step with ``compile=False``, and ftrain's compiled step, whose first call's time (the compile) is
 reported too. The configs are timed round robin in short chunks (``--chunks`` rounds of
 ``--steps`` steps) so a change of load hits each alike; the table gives medians over chunks of
-the steps/s and of each round's ratio to plain PyTorch.
+the steps/s and of each round's ratio to plain PyTorch. ``--clock cpu`` times by this process's CPU
+time instead of the wall clock: on a loaded machine, with ``--threads 1``, the steadier measure.
 Dropout is off (``--dropout`` sets it): torch's native dropout and ftrain's keyed one are different
 computations.
 
@@ -16,7 +17,7 @@ tokens, with and without ``model.activation_checkpointing_enable()``, eager and 
 config in its own fresh process.
 
 Run: ``python benchmarks/real_models.py [--models gpt2,bert,...] [--chunks 15] [--steps 10]
-[--threads 2] [--no-compile] [--memory]``. Trust the ratios, not absolute numbers, on a shared machine.
+[--threads 2] [--clock wall|cpu] [--no-compile] [--memory]``. Trust the ratios, not absolute numbers, on a shared machine.
 """
 
 from __future__ import annotations
@@ -89,14 +90,15 @@ def bench(model: zoo_models.ZooModel, args: argparse.Namespace) -> dict[str, obj
     for step in configs.values():  # warm up: first-call checks, allocator, caches
         for batch in batches[:3]:
             step(batch)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     times: dict[str, list[float]] = {name: [] for name in configs}
     for _ in range(args.chunks):
         for name, step in configs.items():
-            start = time.perf_counter()
+            start = clock()
             for batch in batches:
                 loss = step(batch)
             float(loss)  # (wait for the last step)
-            times[name].append((time.perf_counter() - start) / len(batches))
+            times[name].append((clock() - start) / len(batches))
     for name, samples in times.items():
         row[f"{name}_steps_s"] = 1.0 / statistics.median(samples)
         # The ratio per round (the configs ran back to back), then its median: robust to load that shifts.
@@ -159,6 +161,7 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, default=15)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall", help="time by wall clock or CPU time")
     parser.add_argument("--dropout", type=float, default=0.0)
     parser.add_argument("--no-compile", dest="compile", action="store_false")
     parser.add_argument("--memory", action="store_true", help="activation checkpointing's peak memory instead")
@@ -166,7 +169,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(
         f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
-        f"{args.threads} threads, {args.chunks} chunks x {args.steps} steps, dropout {args.dropout}"
+        f"{args.threads} threads, {args.chunks} chunks x {args.steps} steps, dropout {args.dropout}, "
+        f"{args.clock} clock, load {os.getloadavg()[0]:.1f}"
     )
     if args.memory:
         memory_table(args)

@@ -33,6 +33,7 @@ from typing import Any
 import optree
 import torch
 import torch.utils._pytree as torch_pytree
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 NAMESPACE = "ftrain"
 """The optree registry namespace ftrain registers its node types in."""
@@ -223,6 +224,8 @@ def global_norm(tree: PyTree) -> torch.Tensor:
     leaves_ = leaves(tree)
     if not leaves_:
         return torch.tensor(0.0)
+    if host_readable(*leaves_):  # (on the CPU torch's foreach norm is the per-tensor norm, in one call)
+        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(leaves_)))
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(x) for x in leaves_]))
 
 
@@ -304,12 +307,42 @@ def device_of(tree: PyTree, *, default: torch.device | str | None = "cpu") -> to
     """
     params = getattr(tree, "params", None)
     for part in (params, tree) if params is not None else (tree,):
+        first = _first_value(part)
+        if isinstance(first, torch.Tensor):
+            return first.device
         for leaf in leaves(part):
             if isinstance(leaf, torch.Tensor):
                 return leaf.device
     if default is None:
         raise TypeError(f"expected a TrainState (a pytree of tensors), got {type(tree).__name__} with no tensors")
     return torch.device(default)
+
+
+def host_readable(*tensors: torch.Tensor) -> bool:
+    """Can Python read these tensors' values at no cost? Plain CPU tensors, in eager code, outside
+    ``torch.func`` transforms and dispatch modes (a fake-tensor check, a FLOP counter).
+
+    Then per-step scalar bookkeeping (a key's hash, bias corrections) is cheaper as Python
+    arithmetic than as tiny tensor ops; elsewhere reading a value would wait for the device or
+    break a trace.
+
+    >>> host_readable(torch.tensor(3)), host_readable(torch.tensor(3, device="meta"))
+    (True, False)
+    """
+    if torch.compiler.is_compiling() or torch._C._functorch.maybe_current_level() is not None:
+        return False
+    return not is_in_torch_dispatch_mode() and all(type(t) is torch.Tensor and t.device.type == "cpu" for t in tensors)
+
+
+def _first_value(part: Any) -> Any:
+    """The first leaf of a dict of tensors (params, grads) without flattening it all (a step asks
+    several times): optree orders a dict by its sorted keys. ``None`` for anything else."""
+    if type(part) is not dict or not part:
+        return None
+    try:
+        return part[min(part)]
+    except TypeError:  # (keys that do not sort: optree keeps their insertion order)
+        return None
 
 
 def cast(tree: PyTree, dtype: torch.dtype) -> PyTree:

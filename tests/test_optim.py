@@ -8,6 +8,7 @@ import torch
 import torch._dynamo.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ftrain import optim, schedules, tree
 
@@ -718,3 +719,35 @@ def test_non_finite_float_hyperparameters_are_refused():
     with pytest.raises(ValueError, match="set_hyperparams: learning_rate must be >= 0, got nan"):
         state = optim.inject_hyperparams(optim.sgd)(0.1).init({"w": torch.ones(1)})
         optim.set_hyperparams(state, learning_rate=float("nan"))
+
+
+class _TensorOpsOnly(TorchDispatchMode):
+    """Under a dispatch mode nothing is read on the host: an update computes its scalars as tensor ops."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("amsgrad", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_adam_host_scalars_equal_the_tensor_ops(amsgrad, dtype):
+    # Eager on the CPU, Adam's bias corrections are Python floats: bitwise the float64 tensor ops.
+    g = torch.Generator().manual_seed(0)
+    params = {"w": torch.randn(33, 7, generator=g).to(dtype), "b": torch.randn(7, generator=g).to(dtype)}
+    tx = optim.adamw(1e-2, amsgrad=amsgrad)
+    host, ops = tx.init(params), tx.init(params)
+    for _ in range(300):  # (the step counts where Python's and torch's square roots would round apart)
+        grads = tree.map(lambda p: torch.randn(p.shape, generator=g).to(dtype), params)
+        u_host, host = tx.update(grads, host, params)
+        with _TensorOpsOnly():
+            u_ops, ops = tx.update(grads, ops, params)
+        assert tree.equal(u_host, u_ops) and tree.equal(host, ops)
+
+
+def test_global_norm_foreach_equals_per_leaf_norms():
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        t = {f"k{i}": (torch.randn(50 * i + 1, generator=g) * 100).to(dtype) for i in range(9)}
+        with _TensorOpsOnly():  # (per-leaf norms)
+            per_leaf = tree.global_norm(t)
+        assert torch.equal(tree.global_norm(t), per_leaf) and tree.global_norm(t).dtype == per_leaf.dtype

@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ftrain import random
 
@@ -94,3 +95,38 @@ def test_check_key_returns_a_key_and_names_the_caller_otherwise():
         random.check_key(3, "my_init")
     with pytest.raises(TypeError, match=r"my_init .*shape \(2, 2\)"):
         random.check_key(random.split(k), "my_init")
+
+
+def test_fold_in_values_are_frozen():
+    # Saved keys and replayed steps depend on these exact bits (eager CPU keys take a Python path).
+    assert random.fold_in(random.key(0), 0).tolist() == [1780824202, 994368636]
+    assert random.fold_in(random.key(7), 2**40 + 3).tolist() == [3093014659, 1627895213]
+    assert random.fold_in(torch.tensor([-5, 2**62]), torch.tensor(-1)).tolist() == [3528721224, 3464295344]
+
+
+class _Passthrough(TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+def test_fold_in_on_the_host_equals_the_tensor_ops():
+    # Under a dispatch mode (as in a fake-tensor check) fold_in runs as tensor ops, as it does
+    # compiled or on an accelerator: the same bits as the Python arithmetic of eager CPU keys.
+    g = torch.Generator().manual_seed(0)
+    words = torch.randint(-(2**63), 2**63 - 1, (100, 3), dtype=torch.int64, generator=g)
+    for k0, k1, d in words.tolist():
+        k = torch.tensor([k0, k1])
+        host = random.fold_in(k, d), random.fold_in(k, torch.tensor(d, dtype=torch.int64)), random.fold_in(k, d % 100)
+        with _Passthrough():
+            ops = random.fold_in(k, d), random.fold_in(k, torch.tensor(d, dtype=torch.int64)), random.fold_in(k, d % 100)
+        assert all(torch.equal(a, b) for a, b in zip(host, ops)), (k0, k1, d)
+        assert host[0].dtype == torch.int64 and host[0].shape == (2,)
+
+
+def test_fold_in_of_any_integer_tensor_on_the_host_equals_the_tensor_ops():
+    k = random.key(3)
+    for data in (torch.tensor(2**64 - 5, dtype=torch.uint64), torch.tensor([[7]], dtype=torch.int16),
+                 torch.tensor(True), torch.tensor(-3, dtype=torch.int8), torch.tensor(2**40)):  # fmt: skip
+        with _Passthrough():
+            ops = random.fold_in(k, data)
+        assert torch.equal(random.fold_in(k, data), ops), data

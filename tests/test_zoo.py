@@ -34,6 +34,7 @@ import zoo_models  # noqa: E402
 
 import ftrain  # noqa: E402
 from ftrain import optim, tree  # noqa: E402
+from ftrain._step._dynamo import Settings  # noqa: E402
 
 STEPS, LR = 20, 1e-3
 BACKEND = os.environ.get("FTRAIN_ZOO_BACKEND", "aot_eager")
@@ -309,6 +310,28 @@ def test_logging_and_warnings_in_the_model_run_once_and_do_not_break_the_compile
     # Once, from the check on fake tensors before compiling; the compiled graph skips them.
     assert len([w for w in seen if "Chatty" in str(w.message)]) == 1 and len(caplog.records) == 1
     assert (set(config.ignore_logging_functions), config.trace_autograd_ops) == before, "dynamo settings leaked"
+
+
+def test_steady_compiled_calls_skip_the_dynamo_settings_and_a_recompile_runs_under_them(monkeypatch, tmp_path):
+    # The settings cost ~13 us a call; only the cache's slow path can trace, so only it needs them.
+    monkeypatch.setenv("FTRAIN_CACHE_DIR", str(tmp_path))  # (a fresh cache: every new shape compiles here)
+    entered = []
+    enter = Settings.__enter__
+    monkeypatch.setattr(Settings, "__enter__", lambda self: entered.append(1) or enter(self))
+    state = ftrain.TrainState.create(Chatty(), optim.sgd(0.1))
+    step = ftrain.make_train_step(classifier_loss, backend="aot_eager", new_shapes="recompile")
+    batches = classifier_batches(4)
+    with pytest.warns(FutureWarning, match="deprecated"):
+        state, _ = step(state, batches[0])
+    compiling = len(entered)
+    for batch in batches[1:]:
+        state, _ = step(state, batch)
+    assert compiling > 0 and len(entered) == compiling, "steady calls entered the dynamo settings"
+    # A new batch size recompiles (dynamic): under the settings, so the logging model still traces whole.
+    x, y = batches[0]
+    with pytest.warns(FutureWarning, match="deprecated"):  # (the fake-tensor check of the new shape runs it)
+        state, _ = step(state, (torch.cat([x, x[:2]]), torch.cat([y, y[:2]])))
+    assert step.num_compiles == 2 and len(entered) > compiling
 
 
 class Untraceable(nn.Module):

@@ -649,6 +649,8 @@ class CachedCompile:
             function is always one whole graph.
         options: more ``torch.compile`` keyword arguments (``mode``, ``options``); part of the key.
         directory: the cache root (default :func:`cache_dir`, read at the first call).
+        scope: a context manager factory entered around the calls that may trace (all but those
+            a loaded function serves): the dynamo settings the trace needs, off the hot path.
     """
 
     def __init__(
@@ -659,8 +661,10 @@ class CachedCompile:
         fullgraph: bool = True,
         options: dict | None = None,
         directory: Path | str | None = None,
+        scope: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     ):
         self.fn = fn
+        self.scope = scope
         self.backend = backend
         self.fullgraph = fullgraph
         self.options = dict(options or {})
@@ -675,13 +679,14 @@ class CachedCompile:
         last = self._last
         if last is not None and last.serves(args):
             return last.run(*args)
-        if self._fallback is not None:
-            return self._fallback(*args)
-        entry = self._find(args) or self._new_entry(args, compile=True)
-        if entry is None:
-            return self._fallback(*args)
-        self._last = entry
-        return entry.run(*args)
+        with self.scope():
+            if self._fallback is not None:
+                return self._fallback(*args)
+            entry = self._find(args) or self._new_entry(args, compile=True)
+            if entry is None:
+                return self._fallback(*args)
+            self._last = entry
+            return entry.run(*args)
 
     def prepare(self, *args: Any) -> bool:
         """Load the function for ``args`` from the cache if it is there: True when calling it will not compile."""

@@ -24,7 +24,7 @@ from .._validate import check_one_of
 from . import _donate
 from ._cache import CachedCompile
 from ._checks import DonatedStateError, StepError, check_metrics, check_train_output, checks, step_failure, user_frame
-from ._dynamo import UNTRACEABLE, GraphBreaks, Scoped, compile_fn, own_code, untraceable
+from ._dynamo import UNTRACEABLE, GraphBreaks, Scoped, Settings, compile_fn, own_code, untraceable
 
 NewShapes = Literal["error", "recompile"]
 
@@ -128,9 +128,9 @@ class _Step:
 
     def _compile(self, fn: Callable) -> Callable:
         if self.cache and self.fullgraph:  # served from the persistent cache, or compiled ahead of time and saved there
-            cached = CachedCompile(own_code(fn), backend=self._backend)
+            cached = CachedCompile(own_code(fn), backend=self._backend, scope=Settings)
             self._counters.append(cached)
-            return Scoped(cached)
+            return Scoped(cached, always=False)  # (the settings only where it may trace)
         counter = _CountingBackend(self._backend)
         self._counters.append(counter)
         return compile_fn(fn, fullgraph=self.fullgraph, backend=counter)

@@ -23,7 +23,7 @@ import torch
 
 from ._checks import is_user_code
 
-__all__ = ["GraphBreaks", "Scoped", "compile_fn", "own_code", "untraceable"]
+__all__ = ["GraphBreaks", "Scoped", "Settings", "compile_fn", "own_code", "untraceable"]
 
 _LEVELS = ("debug", "info", "warn", "error", "exception", "critical", "fatal", "log")
 
@@ -41,9 +41,10 @@ def _skipped() -> set[Callable[..., Any]]:
     return {getattr(logging.Logger, name) for name in names} | {warnings.warn, warnings.warn_explicit}
 
 
-class _Settings:
-    """The dynamo settings of ftrain's compiled calls, set on enter and put back on exit (hot path:
-    the skipped functions are added to dynamo's set in place, and only those it lacked are removed)."""
+class Settings:
+    """The dynamo settings of ftrain's compiled calls, set on enter and put back on exit (the skipped
+    functions are added to dynamo's set in place, and only those it lacked are removed). ~13 us:
+    entered only around calls that may trace (see :class:`Scoped`)."""
 
     __slots__ = ("added", "autograd")
 
@@ -64,15 +65,23 @@ class _Settings:
 
 
 class Scoped:
-    """``fn`` called under ftrain's dynamo settings (dynamo traces inside the call, so that is where they hold)."""
+    """``fn`` called under ftrain's dynamo settings (dynamo traces inside the call, so that is where they hold).
 
-    __slots__ = ("fn",)
+    A :class:`CachedCompile` made with ``scope=Settings`` enters them itself, on its slow path, the
+    only one where dynamo may trace (a steady call runs its loaded function, guarded, no dynamo):
+    ``Scoped(cached, always=False)`` calls it as it is.
+    """
 
-    def __init__(self, fn: Callable):
+    __slots__ = ("fn", "always")
+
+    def __init__(self, fn: Callable, *, always: bool = True):
         self.fn = fn
+        self.always = always
 
     def __call__(self, *args: Any) -> Any:
-        with _Settings():
+        if not self.always:
+            return self.fn(*args)
+        with Settings():
             return self.fn(*args)
 
 

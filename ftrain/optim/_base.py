@@ -95,11 +95,11 @@ def apply_updates(params: PyTree, updates: PyTree) -> PyTree:
     >>> apply_updates({"w": torch.ones(2)}, {"w": torch.ones(2)})["w"]
     tensor([2., 2.])
     """
-    tree.assert_same_structure(params, updates, names=["params", "updates"])
-    lists = foreach_leaves(params, updates)
+    lists = foreach_leaves(params, updates, check=True)  # (checks the structures on the way)
     if lists is not None and all(p.dtype == u.dtype for p, u in zip(*lists[0])):
         (p, u), spec = lists
         return tree.unflatten(spec, torch._foreach_add(p, u))
+    tree.assert_same_structure(params, updates, names=["params", "updates"])
     return tree.map(lambda p, u: (p + u).to(p.dtype), params, updates)
 
 
@@ -141,7 +141,9 @@ def check_hyperparam(
     check_number(value, name, who=owner, low=low, high=high, open_low=low_open, open_high=high_open)
 
 
-def foreach_leaves(*trees: PyTree, scalars: tuple = ()) -> tuple[list[list[torch.Tensor]], Any] | None:
+def foreach_leaves(
+    *trees: PyTree, scalars: tuple = (), check: bool = False
+) -> tuple[list[list[torch.Tensor]], Any] | None:
     """The leaves of same-structured ``trees`` as lists for torch's ``_foreach_*`` kernels, and the
     structure to rebuild them with, or ``None`` to compute leaf by leaf.
 
@@ -149,7 +151,8 @@ def foreach_leaves(*trees: PyTree, scalars: tuple = ()) -> tuple[list[list[torch
     per-leaf dispatch dominates a small model's optimizer step, as it does in ``torch.optim``,
     whose default is foreach). ``None`` under ``torch.compile`` (inductor fuses the per-leaf code
     into the step's kernels already) or ``torch.func`` transforms, when a leaf is not a tensor, or when one of ``scalars`` (the
-    hyperparameters the caller uses) is a tensor (an injected hyperparameter).
+    hyperparameters the caller uses) is a tensor (an injected hyperparameter). With ``check``,
+    ``None`` too when the trees' structures differ (the caller's slow path then says how).
     """
     if torch.compiler.is_compiling() or torch._C._functorch.maybe_current_level() is not None:
         return None  # (and under vmap: foreach kernels have no batching rule)
@@ -157,6 +160,8 @@ def foreach_leaves(*trees: PyTree, scalars: tuple = ()) -> tuple[list[list[torch
         return None
     leaves, spec = tree.flatten(trees[0])
     if not leaves or not all(isinstance(x, torch.Tensor) for x in leaves):
+        return None
+    if check and any(tree.structure(t) != spec for t in trees[1:]):
         return None
     return [leaves, *(spec.flatten_up_to(t) for t in trees[1:])], spec
 

@@ -19,7 +19,7 @@ from .. import tree
 from ..tree import PyTree
 
 _RECORDS: list[dict[str, Any]] = []
-_INPUTS = "<inputs>"  # the leaves record() was told are the raw gradients
+_INPUTS = "<inputs>"  # the tree record() was told holds the raw gradients
 
 
 def record(fn: Callable[..., Any], *args: Any, gradients: PyTree = None, **kwargs: Any) -> tuple[Any, dict]:
@@ -39,7 +39,7 @@ def record(fn: Callable[..., Any], *args: Any, gradients: PyTree = None, **kwarg
         >>> {k: round(float(v), 4) for k, v in reported.items()}
         {'grad_norm': 5.0, 'lr': 0.1}
     """
-    reported: dict[str, Any] = {_INPUTS: tree.leaves(gradients) if gradients is not None else None}
+    reported: dict[str, Any] = {_INPUTS: gradients}  # (flattened only if a clip asks: report_gradient_norm)
     _RECORDS.append(reported)
     try:
         out = fn(*args, **kwargs)
@@ -60,8 +60,10 @@ def report_gradient_norm(updates: PyTree, norm: torch.Tensor) -> None:
     if not _RECORDS:
         return
     raw = _RECORDS[-1][_INPUTS]
-    leaves = tree.leaves(updates)
-    if raw is not None and len(raw) == len(leaves) and all(a is b for a, b in zip(raw, leaves)):
+    if raw is None:
+        return
+    raw, leaves = tree.leaves(raw), tree.leaves(updates)
+    if len(raw) == len(leaves) and all(a is b for a, b in zip(raw, leaves)):
         report("grad_norm", norm)
 
 
