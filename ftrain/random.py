@@ -125,7 +125,11 @@ def fold_in(k: torch.Tensor, data: int | torch.Tensor) -> torch.Tensor:
         d = torch.tensor(data & _MASK32, dtype=torch.int64, device=k.device)
     else:
         raise TypeError(f"random.fold_in expects an integer scalar, got {type(data).__name__} {data!r}")
-    # Both words in one pass: [mix(k0, d), mix(k1 ^ salt, d)], elementwise.
+    if torch.compiler.is_compiling():
+        # Word by word: 0-d ops become scalar code, where the two-element form below would cost
+        # inductor a vectorized int64 kernel and seconds more of C++ compile.
+        return torch.stack([_mix(k[0], d), _mix(k[1] ^ _FOLD_SALT, d)])
+    # Eager: both words in one pass, [mix(k0, d), mix(k1 ^ salt, d)] elementwise (half the kernels).
     salt = torch.tensor([0, _FOLD_SALT], dtype=torch.int64, device=k.device)
     return _mix(k ^ salt, d)
 
