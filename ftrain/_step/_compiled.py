@@ -24,7 +24,7 @@ from .._validate import check_one_of
 from . import _donate
 from ._cache import CachedCompile
 from ._checks import DonatedStateError, StepError, check_metrics, check_train_output, checks, step_failure, user_frame
-from ._dynamo import UNTRACEABLE, GraphBreaks, Scoped, Settings, compile_fn, own_code, untraceable
+from ._dynamo import UNTRACEABLE, GraphBreaks, Settings, compile_fn, own_code, untraceable
 
 NewShapes = Literal["error", "recompile"]
 
@@ -130,7 +130,7 @@ class _Step:
         if self.cache and self.fullgraph:  # served from the persistent cache, or compiled ahead of time and saved there
             cached = CachedCompile(own_code(fn), backend=self._backend, scope=Settings)
             self._counters.append(cached)
-            return Scoped(cached, always=False)  # (the settings only where it may trace)
+            return cached  # (it enters the settings itself, on the path where dynamo may trace)
         counter = _CountingBackend(self._backend)
         self._counters.append(counter)
         return compile_fn(fn, fullgraph=self.fullgraph, backend=counter)
@@ -198,12 +198,11 @@ class _Step:
 
     def _served(self, fn: Callable, state: Any, batch: Any) -> bool:
         """Whether ``fn`` loaded its graph for this batch from the cache: it was checked before it was saved."""
-        cached = getattr(fn, "fn", fn)  # (a Scoped call)
-        if not isinstance(cached, CachedCompile):
+        if not isinstance(fn, CachedCompile):
             return False
         # Under what the call runs under: the key and the guards cover grad mode, determinism and dynamo's settings.
-        with self._context(state):
-            return Scoped(cached.prepare)(state, batch)
+        with self._context(state), Settings():
+            return fn.prepare(state, batch)
 
     def _precheck(self, state: Any, batch: Any) -> None:
         """Run the step on fake tensors: catches bad losses and bad batches before dynamo sees them."""

@@ -67,20 +67,17 @@ class Settings:
 class Scoped:
     """``fn`` called under ftrain's dynamo settings (dynamo traces inside the call, so that is where they hold).
 
-    A :class:`CachedCompile` made with ``scope=Settings`` enters them itself, on its slow path, the
-    only one where dynamo may trace (a steady call runs its loaded function, guarded, no dynamo):
-    ``Scoped(cached, always=False)`` calls it as it is.
+    A :class:`CachedCompile` made with ``scope=Settings`` needs no wrapper: it enters them itself,
+    on its slow path, the only one where dynamo may trace (a steady call runs its loaded function,
+    guarded, no dynamo).
     """
 
-    __slots__ = ("fn", "always")
+    __slots__ = ("fn",)
 
-    def __init__(self, fn: Callable, *, always: bool = True):
+    def __init__(self, fn: Callable):
         self.fn = fn
-        self.always = always
 
     def __call__(self, *args: Any) -> Any:
-        if not self.always:
-            return self.fn(*args)
         with Settings():
             return self.fn(*args)
 
