@@ -32,25 +32,18 @@ import tempfile
 import time
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch._inductor.async_compile import shutdown_compile_workers
 
 import ftrain
 from ftrain import optim, sweep
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
+import digits  # noqa: E402  (the README example's model and loss_fn)
+
 
 def make_model() -> nn.Module:
-    return nn.Sequential(
-        nn.Linear(64, 128), nn.ReLU(), nn.Dropout(0.2), nn.Linear(128, 256), nn.ReLU(), nn.Dropout(0.2),
-        nn.Linear(256, 10),
-    )  # fmt: skip
-
-
-def loss_fn(apply, params, buffers, batch, key):
-    x, y = batch
-    logits, buffers = apply(params, buffers, x, key=key)
-    return F.cross_entropy(logits, y, label_smoothing=0.1), {"acc": ftrain.metrics.accuracy(logits, y)}, buffers
+    return digits.make_model(0.2)
 
 
 def cpu_seconds(who: int) -> float:
@@ -71,7 +64,7 @@ def run_side(side: str, args: argparse.Namespace) -> dict[str, float]:
         state.step.item()  # wait for the last step
 
     if side == "sequential":  # one compiled step, one fresh state per learning rate
-        step = ftrain.make_train_step(loss_fn)
+        step = ftrain.make_train_step(digits.loss_fn)
 
         def once():
             for lr in rates:
@@ -80,7 +73,7 @@ def run_side(side: str, args: argparse.Namespace) -> dict[str, float]:
                 fit(state.replace(opt_state=optim.set_hyperparams(state.opt_state, learning_rate=lr)), step)
 
     else:
-        step = sweep.train_step(ftrain.make_train_step(loss_fn, compile=False))
+        step = sweep.train_step(ftrain.make_train_step(digits.loss_fn, compile=False))
 
         def once():
             fit(sweep.create(make_model, tx, sweep.grid(learning_rate=rates)), step)
