@@ -103,7 +103,7 @@ class KeyedRandomness(TorchFunctionMode):
         # (Checked eagerly: compiled, torch refuses the recompute itself and the step reports this eager error.)
         if not (torch.compiler.is_compiling() or isinstance(x, FakeTensor)) and _in_checkpointed_segment():
             raise RuntimeError(CHECKPOINTED_DROPOUT)
-        keep = random.uniform(self._next_key(), shape, device=x.device) >= p
+        keep = random.bernoulli(self._next_key(), 1.0 - p, shape, device=x.device)
         return keep.to(x.dtype) * (1.0 / (1.0 - p))
 
     def __torch_function__(self, func, types, args=(), kwargs=None):

@@ -19,6 +19,8 @@ Example:
 
 from __future__ import annotations
 
+import math
+import struct
 from collections.abc import Sequence
 
 import torch
@@ -28,49 +30,60 @@ from . import tree
 __all__ = ["bernoulli", "bits", "check_key", "fold_in", "is_key", "key", "normal", "randint", "split", "uniform"]
 
 _MASK32 = 0xFFFFFFFF
-_GOLDEN = 0x9E3779B9
-_FOLD_SALT = 0x68E31DA4  # fold_in xors it into the key's second word
+_MASK64 = 2**64 - 1
+# SplitMix64's increment and multipliers, as the int64 values of their 64 bits.
+_GOLDEN64 = 0x9E3779B97F4A7C15 - 2**64
+_MIX64_1 = 0xBF58476D1CE4E5B9 - 2**64
+_MIX64_2 = 0x94D049BB133111EB - 2**64
+_INT64_MIN = -(2**63)
+# A key's two words are one 64-bit seed; word i of its stream is mix64((seed + i) * golden), the
+# SplitMix64 sequence of seed * golden. Draws read the stream from position 0; derived keys are
+# stream words far beyond any draw. (Adding the position before the product, not after it, keeps
+# the counters out of inductor's index arithmetic, where i * golden overflows its int64 bounds.)
+_FOLD_AT = 2**62  # fold_in(k, d) is the word at _FOLD_AT + d
+_SPLIT_AT = -(2**63)  # split(k)[i] at 2**63 + i
 
 
-def _hash32(x: torch.Tensor) -> torch.Tensor:
-    # "lowbias32" integer hash (C. Wellons) on 32-bit values held in int64. Products of two 32-bit
-    # numbers wrap modulo 2**64, so masking back to 32 bits gives the exact unsigned result.
-    x = x ^ (x >> 16)
-    x = (x * 0x7FEB352D) & _MASK32
-    x = x ^ (x >> 15)
-    x = (x * 0x846CA68B) & _MASK32
-    return x ^ (x >> 16)
+def _mix64(z: torch.Tensor) -> torch.Tensor:
+    # SplitMix64's finalizer (Steele, Lea and Flood, 2014). Products wrap modulo 2**64 in int64
+    # (two's complement): the unsigned arithmetic it needs.
+    z = (z ^ _lsr(z, 30)) * _MIX64_1
+    z = (z ^ _lsr(z, 27)) * _MIX64_2
+    return z ^ _lsr(z, 31)
 
 
-def _mix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return _hash32((_hash32(a) + ((b * _GOLDEN) & _MASK32) + 1) & _MASK32)
+def _lsr(z: torch.Tensor, shift: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's ``>>`` is arithmetic: it copies the sign bit)."""
+    return (z >> shift) & ((1 << (64 - shift)) - 1)
 
 
-def _hash32_host(x: int) -> int:
-    # _hash32 on a Python int: the same bits for every int64 input (Python's shifts and xors act on
-    # two's complement like torch's, and the exact products agree with int64's modulo 2**32).
-    x ^= x >> 16
-    x = (x * 0x7FEB352D) & _MASK32
-    x ^= x >> 15
-    x = (x * 0x846CA68B) & _MASK32
-    return x ^ (x >> 16)
+def _mix64_host(z: int) -> int:
+    # _mix64 on a Python int in [0, 2**64): the same 64 bits.
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
 
 
-def _mix_host(a: int, b: int) -> int:
-    return _hash32_host((_hash32_host(a) + ((b * _GOLDEN) & _MASK32) + 1) & _MASK32)
+def _seed(k: torch.Tensor) -> torch.Tensor:
+    return (k[0] << 32) | k[1]
+
+
+def _words(z: torch.Tensor) -> torch.Tensor:
+    return torch.stack([_lsr(z, 32), z & _MASK32], dim=-1)
 
 
 def key(seed: int) -> torch.Tensor:
     """A new key from an integer seed (any Python int, negative or > 2**32 included).
+
+    Seeds equal modulo ``2**64`` give the same key; others never do.
 
     >>> key(0).shape, key(0).dtype
     (torch.Size([2]), torch.int64)
     """
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"random.key expects a Python int seed, got {type(seed).__name__} {seed!r}")
-    seed %= 2**64
-    words = torch.tensor([seed & _MASK32, seed >> 32], dtype=torch.int64)
-    return torch.stack([_mix(words[0], words[1]), _mix(words[1], words[0] ^ 0x5BD1E995)])
+    z = _mix64_host((_mix64_host(seed & _MASK64) + _GOLDEN64) & _MASK64)  # (a bijection of the 64-bit seed)
+    return torch.tensor([z >> 32, z & _MASK32], dtype=torch.int64)
 
 
 def is_key(obj: object) -> bool:
@@ -102,7 +115,7 @@ def split(k: torch.Tensor, num: int = 2) -> torch.Tensor:
     """
     check_key(k, "random.split")
     i = torch.arange(num, dtype=torch.int64, device=k.device)
-    return torch.stack([_mix(_mix(k[0], i), k[1]), _mix(_mix(k[1], i ^ 0x2545F491), k[0])], dim=-1)
+    return _words(_mix64((i + (_seed(k) + _SPLIT_AT)) * _GOLDEN64))
 
 
 def fold_in(k: torch.Tensor, data: int | torch.Tensor) -> torch.Tensor:
@@ -118,40 +131,46 @@ def fold_in(k: torch.Tensor, data: int | torch.Tensor) -> torch.Tensor:
             )
         if tree.host_readable(k, data):
             return _fold_in_host(k, int(data.to(torch.int64)))
-        d = data.reshape(()).to(torch.int64).to(k.device) & _MASK32
+        d = data.reshape(()).to(torch.int64).to(k.device)
     elif isinstance(data, int) and not isinstance(data, bool):
         if tree.host_readable(k):
             return _fold_in_host(k, data)
-        d = torch.tensor(data & _MASK32, dtype=torch.int64, device=k.device)
+        d = torch.tensor(_signed64(data), dtype=torch.int64, device=k.device)
     else:
         raise TypeError(f"random.fold_in expects an integer scalar, got {type(data).__name__} {data!r}")
-    if torch.compiler.is_compiling():
-        # Word by word: 0-d ops become scalar code, where the two-element form below would cost
-        # inductor a vectorized int64 kernel and seconds more of C++ compile.
-        return torch.stack([_mix(k[0], d), _mix(k[1] ^ _FOLD_SALT, d)])
-    # Eager: both words in one pass, [mix(k0, d), mix(k1 ^ salt, d)] elementwise (half the kernels).
-    salt = torch.tensor([0, _FOLD_SALT], dtype=torch.int64, device=k.device)
-    return _mix(k ^ salt, d)
+    return _words(_mix64((d + (_seed(k) + _FOLD_AT)) * _GOLDEN64))
 
 
 def _fold_in_host(k: torch.Tensor, data: int) -> torch.Tensor:
-    """:func:`fold_in` of a CPU key, computed in Python: the same bits as the some 40 tiny tensor ops,
+    """:func:`fold_in` of a CPU key, computed in Python: the same bits as the some 20 tiny tensor ops,
     which cost a tenth of a small model's eager step."""
     k0, k1 = k.tolist()
-    d = data & _MASK32
-    return torch.tensor([_mix_host(k0, d), _mix_host(k1 ^ _FOLD_SALT, d)], dtype=torch.int64)
+    z = _mix64_host(((((k0 << 32) | k1) + _FOLD_AT + data) * _GOLDEN64) & _MASK64)
+    return torch.tensor([z >> 32, z & _MASK32], dtype=torch.int64)
+
+
+def _signed64(x: int) -> int:
+    """``x`` modulo ``2**64`` as an int64 value."""
+    x &= _MASK64
+    return x - 2**64 if x >> 63 else x
 
 
 def bits(k: torch.Tensor, shape: Sequence[int], device: torch.device | str | None = None) -> torch.Tensor:
     """Uniform random 32-bit words (as int64 in ``[0, 2**32)``) of the given shape."""
-    check_key(k, "random.bits")
+    return _lsr(_stream(k, shape, device, "random.bits"), 32)
+
+
+def _stream(k: torch.Tensor, shape: Sequence[int], device: torch.device | str | None, who: str) -> torch.Tensor:
+    # The key's stream from position 0: one 64-bit hash per element, a dozen elementwise int64 ops
+    # (cheap eagerly, and little for inductor to lower: a dropout mask per layer per step).
+    check_key(k, who)
     shape = tuple(shape)
     n = 1
     for s in shape:
         n *= s
     counter = torch.arange(n, dtype=torch.int64, device=device if device is not None else k.device)
     k = k.to(counter.device)
-    return _mix(_mix(counter, k[0]), k[1]).reshape(shape)
+    return _mix64((counter + _seed(k)) * _GOLDEN64).reshape(shape)
 
 
 def uniform(
@@ -163,7 +182,7 @@ def uniform(
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
     """Uniform floats in ``[low, high)`` (24 random bits of mantissa)."""
-    u = (bits(k, shape, device) >> 8).to(torch.float32) * (2.0**-24)
+    u = _lsr(_stream(k, shape, device, "random.uniform"), 40).to(torch.float32) * (2.0**-24)
     return (low + (high - low) * u).to(dtype)
 
 
@@ -183,8 +202,18 @@ def normal(
 def bernoulli(
     k: torch.Tensor, p: float | torch.Tensor = 0.5, shape: Sequence[int] = (), device: torch.device | str | None = None
 ) -> torch.Tensor:
-    """Booleans that are ``True`` with probability ``p``."""
-    return uniform(k, shape, device=device) < p
+    """Booleans that are ``True`` with probability ``p``: exactly ``uniform(k, shape) < p``."""
+    if isinstance(p, torch.Tensor):
+        return uniform(k, shape, device=device) < p
+    # uniform < p, as torch compares (p rounded to float32), is top24 < ceil(p * 2**24) on the
+    # stream's top 24 bits, and that is one signed compare of the 64-bit words with their sign bit
+    # flipped: four elementwise ops fewer (dropout draws a mask per layer per step).
+    p32 = struct.unpack("f", struct.pack("f", p))[0]
+    z = _stream(k, shape, device, "random.bernoulli")
+    if p32 >= 1:  # (the threshold below would need 2**64)
+        return torch.ones_like(z, dtype=torch.bool)
+    top24 = math.ceil(p32 * 2**24) if p32 > 0 else 0  # (NaN: never True, as uniform < NaN)
+    return (z ^ _INT64_MIN) < (top24 << 40) + _INT64_MIN
 
 
 def randint(

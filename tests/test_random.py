@@ -17,7 +17,9 @@ def test_same_key_same_numbers_and_global_rng_untouched():
 
 def test_known_values_are_stable_across_versions():
     # Frozen values: a change here silently breaks reproducibility of every saved run.
-    assert random.key(0).tolist() == random.key(0).tolist()
+    assert random.key(0).tolist() == [3793791033, 2065550767]
+    assert random.split(random.key(0)).tolist() == [[3240448835, 1862432934], [3294021308, 4143690558]]
+    assert random.bits(random.key(0), (3,)).tolist() == [2446097806, 2251342522, 2993125027]
     assert random.key(0).tolist() != random.key(1).tolist()
     assert random.key(2**64 + 5).tolist() == random.key(5).tolist()
 
@@ -75,6 +77,13 @@ def test_bernoulli_and_randint():
     assert float(((counts - 10_000) ** 2 / 10_000).sum()) < 20.5  # 5 dof, 99.9th percentile
 
 
+def test_bernoulli_of_a_float_is_exactly_uniform_below_it():
+    # (Its integer threshold, and the edges: p rounding to 1 in float32, p <= 0, NaN, p a tensor.)
+    for p in (0.0, 1e-9, 0.2, 0.5, 1 - 1e-7, 1 - 1e-9, 1.0, 3, -0.5, math.nan, torch.tensor(0.7)):
+        k = random.key(8)
+        assert torch.equal(random.bernoulli(k, p, (4096,)), random.uniform(k, (4096,)) < p), p
+
+
 def test_bad_keys_are_clear_errors():
     with pytest.raises(TypeError, match="random.key expects a Python int"):
         random.key(1.5)
@@ -99,9 +108,20 @@ def test_check_key_returns_a_key_and_names_the_caller_otherwise():
 
 def test_fold_in_values_are_frozen():
     # Saved keys and replayed steps depend on these exact bits (eager CPU keys take a Python path).
-    assert random.fold_in(random.key(0), 0).tolist() == [1780824202, 994368636]
-    assert random.fold_in(random.key(7), 2**40 + 3).tolist() == [3093014659, 1627895213]
-    assert random.fold_in(torch.tensor([-5, 2**62]), torch.tensor(-1)).tolist() == [3528721224, 3464295344]
+    assert random.fold_in(random.key(0), 0).tolist() == [4005921612, 327066968]
+    assert random.fold_in(random.key(7), 2**40 + 3).tolist() == [3239092357, 76584821]
+    assert random.fold_in(torch.tensor([-5, 2**62]), torch.tensor(-1)).tolist() == [3160263444, 3333507572]
+
+
+def test_draws_are_splitmix64_of_the_key():
+    # A key's stream is SplitMix64 seeded with its 64 bits times the increment: the key below
+    # seeds it with 1234567, and these are the first outputs of the reference generator (S. Vigna's
+    # splitmix64.c), whose next() adds the increment before mixing, so they are draws 1 to 5.
+    reference = [6457827717110365317, 3203168211198807973, 9817491932198370423, 4593380528125082431,
+                 16408922859458223821]  # fmt: skip
+    seed = 1234567 * pow(0x9E3779B97F4A7C15, -1, 2**64) % 2**64
+    k = torch.tensor([seed >> 32, seed & 0xFFFFFFFF])
+    assert random.bits(k, (6,)).tolist()[1:] == [r >> 32 for r in reference]
 
 
 class _Passthrough(TorchDispatchMode):
