@@ -470,3 +470,21 @@ def test_a_checkpoint_in_a_newer_format_version_is_refused(tmp_path, backend):
     with pytest.raises(CheckpointError, match=r"format version 99 \(by ftrain .*\) reads format version 1\b"):
         m.restore_latest(make_state())
     m.close()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_checkpoint_of_other_versions_restores_with_a_warning_that_says_so(tmp_path, backend):
+    m = BACKENDS[backend](tmp_path)
+    state = trained(make_state())
+    m.save(state)
+    path = m.directory / str(int(state.step)) / META_FILE[backend]
+    meta = json.loads(path.read_text())
+    path.write_text(json.dumps({**meta, "versions": {**meta["versions"], "ftrain": "0.1.0"}}))
+    with pytest.warns(RuntimeWarning, match=rf"by ftrain 0\.1\.0; this is ftrain {ftrain.__version__}\. The state"):
+        restored, _ = m.restore_latest(make_state(seed=1))
+    assert_same_state(restored, state)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # same versions: silent
+        path.write_text(json.dumps(meta))
+        m.restore_latest(make_state(seed=1))
+    m.close()

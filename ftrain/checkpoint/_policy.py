@@ -529,6 +529,7 @@ class CheckpointPolicy:
                 + ". Build the template from the same model and optimizer as the saved run"
             )
         self._check_directory(tensors, scalars, "restore from")
+        _warn_other_versions(meta, self.directory / str(step))
         loaded = self._load(step, template, meta)
         paths, leaves, spec = tree.flatten_with_path(template)
         out = [loaded[p] if isinstance(leaf, torch.Tensor) else meta["scalars"][p] for p, leaf in zip(paths, leaves)]
@@ -551,6 +552,23 @@ class CheckpointPolicy:
             f"{type(self).__name__}({str(self.directory)!r}, save_every={self.save_every}, keep={self.keep}, "
             f"best={self.best!r}, mode={self.mode!r}, async_save={self.async_save})"
         )
+
+
+OTHER_VERSIONS = (
+    "{where} was written by {saved}; this is {now}. The state restores exactly, but the steps after it "
+    "may not be bit for bit the ones the saving run would have taken (kernels and random draws can differ "
+    "between versions): resume with the saving versions for an exact continuation"
+)
+
+
+def _warn_other_versions(meta: dict[str, Any], where: Path) -> None:
+    saved = meta.get("versions") or {}
+    now = _versions(())
+    differ = [name for name in ("ftrain", "torch") if saved.get(name, now[name]) != now[name]]
+    if differ:
+        describe = lambda v: ", ".join(f"{name} {v.get(name)}" for name in differ)  # noqa: E731
+        message = OTHER_VERSIONS.format(where=where, saved=describe(saved), now=describe(now))
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
 # ----------------------------------------------------------------------------- the leaf table
