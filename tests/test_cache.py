@@ -314,6 +314,45 @@ def test_inductors_kernels_persist_beside_the_steps(two_runs):
     assert any((directory / "inductor").rglob("*.so"))
 
 
+x86_linux = pytest.mark.skipif(
+    sys.platform != "linux" or os.uname().machine != "x86_64", reason="the quick ISA probe is for x86 Linux"
+)
+
+
+@x86_linux
+def test_the_quick_isa_probe_answers_as_inductors_own_build_and_load_does():
+    from torch._inductor import cpu_vec_isa
+
+    host = cpu_vec_isa.x86_isa_checker()
+    for isa in (cpu_vec_isa.VecAVX2(), cpu_vec_isa.VecAVX512()):
+        if str(isa) in host:  # (a machine without the ISA never asks)
+            assert _cache._quick_isa_probe(isa) is cpu_vec_isa.VecISA.check_build(isa, cpu_vec_isa.VecISA._avx_code)
+
+    class NoSuchFlags(cpu_vec_isa.VecAVX2):
+        _arch_flags = "-mno-such-isa-flag"
+
+    assert _cache._quick_isa_probe(NoSuchFlags()) is False
+    assert _cache._quick_isa_probe(cpu_vec_isa.VecNEON()) is None  # (not x86: inductor probes it)
+
+
+@x86_linux
+def test_a_first_run_answers_inductors_isa_probe_without_its_build_and_records_the_answer(tmp_path, monkeypatch):
+    from torch._inductor.cpu_vec_isa import VecAVX2, VecISA
+
+    built = []
+    monkeypatch.setattr(VecISA, "check_build", lambda isa, code: built.append(code) or True)
+    store = _cache._Store(tmp_path)
+    with store.inductor_dir():
+        assert VecISA.check_build(VecAVX2(), VecISA._avx_code) is True
+        assert VecISA.check_build(VecAVX2(), "int other_probe;") is True
+    assert built == ["int other_probe;"]  # the ATen build answered quickly, the others as inductor does
+    (record,) = (tmp_path / "isa").glob("*.json")
+    assert sum(VecAVX2().build_arch_flags() in key for key in record.read_text().splitlines()) == 2
+    with store.inductor_dir():  # a later process: from the record
+        assert VecISA.check_build(VecAVX2(), "int other_probe;") is True
+    assert built == ["int other_probe;"]
+
+
 # -- Shapes that change ---------------------------------------------------------------------------
 
 
