@@ -10,8 +10,9 @@ with fixed threads:
   member takes its step in the same compiled call, the batch shared.
 
 Each side runs in a fresh Python process of its own, with its own empty ftrain step cache and
-inductor cache (``FTRAIN_CACHE_DIR``, ``TORCHINDUCTOR_CACHE_DIR``), so neither is served a
-compiled step or kernel from disk or memory, and each pays torch's one-time start-up costs. In
+inductor cache (``FTRAIN_CACHE_DIR``, ``TORCHINDUCTOR_CACHE_DIR``, and ``TMPDIR``, where inductor
+keeps its precompiled C++ header), so neither is served a compiled step or kernel from disk or
+memory, and each pays torch's one-time start-up costs. In
 its process a side runs twice: the first run compiles (its CPU time minus the steady run's is the
 compile), the second is the steady time. CPU seconds count the side's process and every process
 it waited for (the compiler's worker pool and its C++ compiles), from the start of the first run
@@ -91,7 +92,9 @@ def run_side(side: str, args: argparse.Namespace) -> dict[str, float]:
 def measure(side: str, args: argparse.Namespace) -> dict[str, float]:
     """Run one side in a fresh process with empty caches; add the CPU time of every process it waited for."""
     with tempfile.TemporaryDirectory(prefix=f"ftrain-bench-{side}-") as fresh:
-        env = {**os.environ, "FTRAIN_CACHE_DIR": f"{fresh}/ftrain", "TORCHINDUCTOR_CACHE_DIR": f"{fresh}/inductor"}
+        os.mkdir(f"{fresh}/tmp")  # (inductor's precompiled C++ header lives in the temp dir: fresh too)
+        env = {**os.environ, "FTRAIN_CACHE_DIR": f"{fresh}/ftrain", "TORCHINDUCTOR_CACHE_DIR": f"{fresh}/inductor",
+               "TMPDIR": f"{fresh}/tmp"}  # fmt: skip
         command = [sys.executable, __file__, "--side", side, *(f"--{k.replace('_', '-')}={v}" for k, v in
                    vars(args).items() if k != "side")]  # fmt: skip
         before = cpu_seconds(resource.RUSAGE_CHILDREN)
