@@ -77,3 +77,43 @@ def test_eager_steps_equal_the_plain_module_bitwise_and_leave_their_input_untouc
         state = new
     if model is zoo_models.RESNET:  # (BatchNorm's running statistics moved: the buffers were compared, not idle)
         assert int(state.buffers["resnet.embedder.embedder.normalization.num_batches_tracked"]) == STEPS
+
+
+def fill_seen_by(model: zoo_models.ZooModel, seen: list[bool]):
+    """``model.loss_fn``, noting whether torch's NaN fill of fresh allocations is on while it runs."""
+
+    def loss_fn(apply, params, buffers, batch, key):
+        seen.append(torch.utils.deterministic.fill_uninitialized_memory)
+        return model.loss_fn(apply, params, buffers, batch, key)
+
+    return loss_fn
+
+
+def eager_steps(model: zoo_models.ZooModel, seen: list[bool], steps: int = 3) -> tuple:
+    train_step = ftrain.make_train_step(fill_seen_by(model, seen), compile=False)
+    state, metrics = ftrain.TrainState.create(model.build(0), optim.adamw(1e-3)), []
+    for batch in model.batches(steps):
+        state, step_metrics = train_step(state, batch)
+        metrics.append(step_metrics)
+    return state, metrics
+
+
+@pytest.mark.parametrize("model", zoo_models.ALL, ids=lambda m: m.name)
+def test_eager_steps_skip_the_nan_fill_and_equal_torchs_full_deterministic_mode_bitwise(model):
+    assert not torch.are_deterministic_algorithms_enabled()
+    seen: list[bool] = []
+    state, metrics = eager_steps(model, seen)
+    assert seen and not any(seen), "an eager step in ftrain's deterministic mode leaves the fill out"
+    assert torch.utils.deterministic.fill_uninitialized_memory and not torch.are_deterministic_algorithms_enabled()
+    # torch's full deterministic mode, turned on by the user: ftrain keeps its fill.
+    torch.use_deterministic_algorithms(True)
+    try:
+        filled_seen: list[bool] = []
+        filled, filled_metrics = eager_steps(model, filled_seen)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert filled_seen and all(filled_seen)
+    assert_bitwise(state.params, filled.params, "params")
+    assert_bitwise(state.opt_state, filled.opt_state, "opt_state")
+    assert_bitwise(state.buffers, filled.buffers, "buffers")
+    assert_bitwise(metrics, filled_metrics, "metrics")
