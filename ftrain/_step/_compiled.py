@@ -55,8 +55,8 @@ class _StepMode:
     allocation (``torch.utils.deterministic.fill_uninitialized_memory``): it changes a result only
     where a kernel reads memory nobody wrote, costs a small model's eager step up to 6% (a write
     of every activation, gradient and optimizer output before the kernel's own: the zoo's ResNet
-    6%, BERT and T5 2-3%), and compiled steps do not fill their buffers either. A process already
-    in deterministic mode (turned on by the user) keeps its own fill setting.
+    6%, BERT and T5 2-3%), and inductor does not fill a compiled step's own buffers either. A
+    process already in deterministic mode (turned on by the user) keeps its own fill setting.
 
     A plain class, not ``contextlib.contextmanager``: it is entered on every step (hot path).
     """
