@@ -331,7 +331,7 @@ def host_readable(*tensors: torch.Tensor) -> bool:
     """
     if torch.compiler.is_compiling() or torch._C._functorch.maybe_current_level() is not None:
         return False
-    return not is_in_torch_dispatch_mode() and all(type(t) is torch.Tensor and t.device.type == "cpu" for t in tensors)
+    return not is_in_torch_dispatch_mode() and all(type(t) is torch.Tensor and t.is_cpu for t in tensors)
 
 
 def _first_value(part: Any) -> Any:

@@ -51,13 +51,20 @@ class _StepMode:
     """What a step runs under: no autograd recording, deterministic algorithms unless opted out,
     the module in train (or eval) mode; the previous settings come back on exit.
 
+    An ``eager`` step that turns deterministic mode on leaves out torch's NaN fill of every fresh
+    allocation (``torch.utils.deterministic.fill_uninitialized_memory``): it changes a result only
+    where a kernel reads memory nobody wrote, costs a small model's eager step up to 6% (a write
+    of every activation, gradient and optimizer output before the kernel's own: the zoo's ResNet
+    6%, BERT and T5 2-3%), and inductor does not fill a compiled step's own buffers either. A
+    process already in deterministic mode (turned on by the user) keeps its own fill setting.
+
     A plain class, not ``contextlib.contextmanager``: it is entered on every step (hot path).
     """
 
-    __slots__ = ("state", "deterministic", "train_mode", "grad", "set_deterministic", "module")
+    __slots__ = ("state", "deterministic", "train_mode", "eager", "grad", "set_deterministic", "fill", "module")
 
-    def __init__(self, state: Any, deterministic: bool, train_mode: bool):
-        self.state, self.deterministic, self.train_mode = state, deterministic, train_mode
+    def __init__(self, state: Any, deterministic: bool, train_mode: bool, eager: bool = False):
+        self.state, self.deterministic, self.train_mode, self.eager = state, deterministic, train_mode, eager
 
     def __enter__(self) -> None:
         self.grad = torch.is_grad_enabled()
@@ -65,6 +72,9 @@ class _StepMode:
         self.set_deterministic = self.deterministic and not torch.are_deterministic_algorithms_enabled()
         if self.set_deterministic:
             torch.use_deterministic_algorithms(True)
+            if self.eager:
+                self.fill = torch.utils.deterministic.fill_uninitialized_memory
+                torch.utils.deterministic.fill_uninitialized_memory = False
         apply = getattr(self.state, "apply_fn", None)
         self.module = (
             apply.module if isinstance(apply, ModuleApply) and apply.module.training != self.train_mode else None
@@ -76,6 +86,8 @@ class _StepMode:
         if self.module is not None:
             self.module.train(not self.train_mode)
         if self.set_deterministic:
+            if self.eager:
+                torch.utils.deterministic.fill_uninitialized_memory = self.fill
             torch.use_deterministic_algorithms(False)
         torch._C._set_grad_enabled(self.grad)
 
@@ -230,7 +242,7 @@ class _Step:
         pass
 
     def _context(self, state: Any) -> _StepMode:
-        return _StepMode(state, self.deterministic, self._train_mode)
+        return _StepMode(state, self.deterministic, self._train_mode, eager=not self.compiled)
 
     def _run(self, fn: Callable, state: Any, batch: Any, check_output: bool = True) -> Any:
         if id(fn) in self._ran:

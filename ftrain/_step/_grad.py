@@ -165,8 +165,9 @@ def _autograd(differentiable: Callable, params: dict, apply: Any) -> tuple[dict,
         leaves = {name: p.detach().requires_grad_() for name, p in params.items()}
         scaled, (loss, metrics, new_buffers) = differentiable(leaves)
         grads = torch.autograd.grad(scaled, list(leaves.values()), allow_unused=True, materialize_grads=True)
-    # (Detached: a buffer or metric computed from the params would keep their graph alive in the state.)
-    detach = lambda x: x.detach() if isinstance(x, torch.Tensor) else x  # noqa: E731
+    # (Detached: a buffer or metric computed from the params would keep their graph alive in the state.
+    # One outside the graph, as BatchNorm's running statistics are, is kept as it is: no view per step.)
+    detach = lambda x: x.detach() if isinstance(x, torch.Tensor) and x.requires_grad else x  # noqa: E731
     return dict(zip(leaves, grads)), (loss, tree.map(detach, metrics), tree.map(detach, new_buffers))
 
 

@@ -53,7 +53,9 @@ def make_train_step(
             can only deliver one micro-batch per call. Metrics are averaged over micro-batches.
         deterministic: run with ``torch.use_deterministic_algorithms(True)`` (bitwise
             reproducible runs; cost nothing measurable on CPU). ``False`` leaves the global
-            setting as it is.
+            setting as it is. Eager steps leave out that mode's NaN fill of fresh allocations
+            (``torch.utils.deterministic.fill_uninitialized_memory``), which changes a result
+            only where a kernel reads memory it never wrote; to keep it, turn the mode on yourself.
         new_shapes: what a batch with other shapes than the first does: ``"error"`` (default:
             a clear error, e.g. for a partial last batch) or ``"recompile"`` (at most one more
             compile, with a dynamic batch dim).
