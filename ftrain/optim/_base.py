@@ -31,6 +31,12 @@ class GradientTransformation(NamedTuple):
     its inputs, so a transformation is safe to call inside ``torch.compile`` and
     ``torch.func.vmap``.
 
+    ``fused_apply(grads, state, params) -> (new_params, state) | None``, optional, is
+    the same step with the updates applied, in ``torch.optim``'s own foreach kernels
+    (eager only: it returns ``None`` when it cannot serve a call, and the caller then
+    runs ``update`` and :func:`apply_updates`). :meth:`ftrain.TrainState.apply_gradients`
+    uses it; the named Adam, AdamW and SGD fill it, a :func:`chain` or a wrapper has none.
+
     Example:
         >>> import torch
         >>> from ftrain import optim
@@ -43,6 +49,7 @@ class GradientTransformation(NamedTuple):
 
     init: Callable[[PyTree], PyTree]
     update: Callable[..., tuple[PyTree, PyTree]]
+    fused_apply: Callable[..., tuple[PyTree, PyTree] | None] | None = None
 
 
 class EmptyState(NamedTuple):
