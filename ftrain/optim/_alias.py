@@ -144,14 +144,7 @@ def adam(
     >>> u["w"]
     tensor([-0.1000,  0.1000])
     """
-    adaptive = scale_by_adam(b1, b2, eps, amsgrad=amsgrad)
-    fused = functools.partial(
-        adam_apply, learning_rate, b1, b2, eps, weight_decay=weight_decay, decoupled=False, amsgrad=amsgrad,
-        maximize=maximize,
-    )  # fmt: skip
-    return _named(
-        "adam", learning_rate, adaptive, weight_decay=weight_decay, maximize=maximize, fused=fused, scalars=(b1, b2, eps)
-    )
+    return _adam("adam", learning_rate, b1, b2, eps, weight_decay, False, None, amsgrad, maximize)
 
 
 def adamw(
@@ -179,14 +172,21 @@ def adamw(
     >>> optim.apply_updates(p, u)["w"]     # 1 - 0.1 * (1 + 0.5 * 1)
     tensor([0.8500])
     """
-    adaptive = scale_by_adam(b1, b2, eps, amsgrad=amsgrad)
+    return _adam("adamw", learning_rate, b1, b2, eps, weight_decay, True, mask, amsgrad, maximize)
+
+
+def _adam(
+    owner: str, learning_rate: ScalarOrSchedule, b1: Scalar, b2: Scalar, eps: Scalar, weight_decay: Scalar,
+    decoupled: bool, mask: Any, amsgrad: bool, maximize: bool,
+) -> GradientTransformation:  # fmt: skip
+    """Adam's chain (``decoupled``: AdamW's), with its fused eager apply."""
     fused = functools.partial(
-        adam_apply, learning_rate, b1, b2, eps, weight_decay=weight_decay, decoupled=True, amsgrad=amsgrad,
+        adam_apply, learning_rate, b1, b2, eps, weight_decay=weight_decay, decoupled=decoupled, amsgrad=amsgrad,
         maximize=maximize,
     )  # fmt: skip
     return _named(
-        "adamw", learning_rate, adaptive, weight_decay=weight_decay, decoupled=True, mask=mask, maximize=maximize,
-        fused=fused, scalars=(b1, b2, eps),
+        owner, learning_rate, scale_by_adam(b1, b2, eps, amsgrad=amsgrad), weight_decay=weight_decay,
+        decoupled=decoupled, mask=mask, maximize=maximize, fused=fused, scalars=(b1, b2, eps),
     )  # fmt: skip
 
 
