@@ -863,11 +863,13 @@ def test_tensor_hyperparams_and_masks_keep_the_chain(float64):
     assert optim.inject_hyperparams(optim.adamw)(1e-2).fused_apply is None
     assert optim.adamw(1e-2, mask=mask).fused_apply is None
     assert optim.sgd(torch.tensor(0.1)).fused_apply is None
-    assert optim.chain(optim.clip_by_global_norm(1.0), optim.adamw(1e-2)).fused_apply is None
+    assert optim.chain(optim.adamw(1e-2), optim.ema_params(0.9)).fused_apply is None
     p0 = model_params()
     noises = grad_sequence(p0, n=20)
     state = run_state(optim.inject_hyperparams(optim.adamw)(1e-2, weight_decay=0.1), p0, noises)
-    assert_same_change(state.params, run_torch(torch.optim.AdamW, p0, noises, foreach=True, lr=1e-2, weight_decay=0.1), p0)
+    assert_same_change(
+        state.params, run_torch(torch.optim.AdamW, p0, noises, foreach=True, lr=1e-2, weight_decay=0.1), p0
+    )
 
 
 def test_under_vmap_and_compile_apply_gradients_runs_the_chain():
@@ -884,3 +886,34 @@ def test_under_vmap_and_compile_apply_gradients_runs_the_chain():
     compiled = torch.compile(TrainState.apply_gradients, backend="eager", fullgraph=True)(state, grads)
     assert len(calls) == 2
     assert tree.allclose(compiled.params, chain_params) and tree.allclose(compiled.opt_state, chain_state)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_chain_ending_in_a_named_optimizer_applies_it_fused(dtype):
+    """``chain(clip, adamw)``: the clip's updates go to AdamW's fused apply; the state is the chain's,
+    the grad norm is reported, and the params are torch's clip_grad_norm_ + AdamW(foreach=True)'s
+    (to rounding: the clip's norm is ftrain's)."""
+    p0 = model_params(dtype)
+    noises = grad_sequence(p0, n=20)
+    inner_calls, calls = [], []
+    adamw = counting(optim.adamw(1e-2, weight_decay=0.1), inner_calls)
+    tx = counting(optim.chain(optim.clip_by_global_norm(1.0), adamw), calls)
+    state = run_state(tx, p0, noises)
+    assert not calls and not inner_calls
+    chain_params, chain_state = run_ours(tx, p0, noises)
+    assert tree.structure(state.opt_state) == tree.structure(chain_state)
+    assert tree.allclose(state.opt_state, chain_state) and tree.allclose(state.params, chain_params)
+    params = {k: v.clone().requires_grad_(True) for k, v in p0.items()}
+    opt = torch.optim.AdamW(list(params.values()), lr=1e-2, weight_decay=0.1, foreach=True)
+    for noise in noises:
+        grads = grad_at(noise, {k: v.detach() for k, v in params.items()})
+        for k, v in params.items():
+            v.grad = grads[k]
+        torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0, foreach=True)
+        opt.step()
+    assert_same_change(
+        state.params, {k: v.detach() for k, v in params.items()}, p0, rtol=1e-5 if dtype == torch.float32 else RTOL
+    )
+    grads = grad_at(noises[0], state.params)
+    _, reported = optim.record(state.apply_gradients, grads, gradients=grads)
+    assert sorted(reported) == ["grad_norm", "lr"]
