@@ -28,19 +28,23 @@ from ._base import ScalarOrSchedule, foreach_leaves
 from ._report import report, report_learning_rate
 from ._transform import ScaleByAdamState, ScaleByScheduleState, TraceState
 
-FusedApply = Callable[[PyTree, Any, PyTree], "tuple[PyTree, Any] | None"]
+FusedApply = Callable[[PyTree, Any, PyTree], tuple[PyTree, Any] | None]
 
 
 def _leaf_lists(params: PyTree, *trees: PyTree) -> tuple[list[list[torch.Tensor]], Any] | None:
     """The trees' leaves as lists, or ``None`` unless every leaf is a plain tensor of its param's dtype."""
-    found = foreach_leaves(params, *trees, check=True)
+    try:
+        found = foreach_leaves(params, *trees)
+    except ValueError:  # a tree shaped unlike the params (the chain's error says where)
+        return None
     if found is None:
         return None
-    lists, _ = found
-    for column in lists:
-        if any(type(x) is not torch.Tensor or x.dtype != p.dtype for x, p in zip(column, lists[0])):
-            return None
-    return found
+    (first, *others), _ = found
+    dtypes = [p.dtype for p in first]
+    # (a subtree where the params hold a leaf is not a tensor: caught here too)
+    if all(type(x) is torch.Tensor and x.dtype == d for column in (first, *others) for x, d in zip(column, dtypes)):
+        return found
+    return None
 
 
 class _LearningRate:
