@@ -917,3 +917,10 @@ def test_a_chain_ending_in_a_named_optimizer_applies_it_fused(dtype):
     grads = grad_at(noises[0], state.params)
     _, reported = optim.record(state.apply_gradients, grads, gradients=grads)
     assert sorted(reported) == ["grad_norm", "lr"]
+
+
+def test_another_optimizers_state_gets_the_chains_error():
+    params = model_params(torch.float32)
+    state = bare_state(optim.adamw(1e-2), params).replace(opt_state=optim.sgd(0.1, 0.9).init(params))
+    with pytest.raises(ValueError, match="chain of 3 transformations got a tuple of 2 states"):
+        state.apply_gradients(tree.ones_like(params))

@@ -59,8 +59,9 @@ def _named(
     (AdamW-style) decay comes after the adaptive blocks, right before the learning rate.
     ``None`` entries of ``core`` are left out.
 
-    ``fused(index=...)`` builds the chain's eager ``fused_apply`` (see ``optim._fused``), given
-    where the first core block's state sits in the chain's state (``None``: no core block). It
+    ``fused(index=..., size=...)`` builds the chain's eager ``fused_apply`` (see ``optim._fused``),
+    given where the first core block's state sits in the chain's state (``None``: no core block)
+    and how many blocks the chain has. It
     is left out when a hyperparameter (the learning rate, weight decay, ``scalars``) is a
     tensor or a ``mask`` limits the decay: the chain alone serves those.
     """
@@ -78,7 +79,7 @@ def _named(
     if fused is None or mask is not None or any(map(is_tensor_hyperparam, (learning_rate, weight_decay, *scalars))):
         return tx
     index = next((i for i, t in enumerate(kept) if core and t is core[0]), None)
-    return tx._replace(fused_apply=fused(index=index))
+    return tx._replace(fused_apply=fused(index=index, size=len(kept)))
 
 
 def sgd(
