@@ -147,8 +147,13 @@ class TrainState:
         names = ["params" if params is self.params else "trainable params", "grads"]
         tree.assert_same_structure(params, grads, names=names)
         with torch.no_grad():
-            updates, opt_state = self.tx.update(grads, self.opt_state, params)
-            updated = apply_updates(params, updates)
+            # Eager, the named optimizers apply themselves in torch.optim's kernels (None: they cannot here).
+            fused = self.tx.fused_apply(grads, self.opt_state, params) if self.tx.fused_apply is not None else None
+            if fused is None:
+                updates, opt_state = self.tx.update(grads, self.opt_state, params)
+                updated = apply_updates(params, updates)
+            else:
+                updated, opt_state = fused
         if params is not self.params:  # frozen params: kept as they are, in their places
             updated = {name: updated.get(name, p) for name, p in self.params.items()}
         return self.replace(step=self.step + 1, params=updated, opt_state=opt_state, **changes)

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ftrain import optim, schedules, tree
+from ftrain import TrainState, optim, random, schedules, tree
 
 STEPS = 100
 RTOL = 1e-10
@@ -51,14 +51,16 @@ def run_ours(tx, p0, noises):
     return params, state
 
 
-def run_torch(cls, p0, noises, scheduler=None, **kwargs):
+def run_torch(cls, p0, noises, scheduler=None, foreach=False, lrs=None, **kwargs):
     params = {k: v.clone().requires_grad_(True) for k, v in p0.items()}
-    opt = cls(list(params.values()), foreach=False, **kwargs) if cls is not None else None
+    opt = cls(list(params.values()), foreach=foreach, **kwargs) if cls is not None else None
     sched = scheduler(opt) if scheduler else None
-    for noise in noises:
+    for i, noise in enumerate(noises):
         grads = grad_at(noise, {k: v.detach() for k, v in params.items()})
         for k, v in params.items():
             v.grad = grads[k]
+        for group in opt.param_groups if lrs else ():
+            group["lr"] = lrs[i]
         opt.step()
         if sched:
             sched.step()
@@ -751,3 +753,175 @@ def test_global_norm_foreach_equals_per_leaf_norms():
         with _TensorOpsOnly():  # (per-leaf norms)
             per_leaf = tree.global_norm(t)
         assert torch.equal(tree.global_norm(t), per_leaf) and tree.global_norm(t).dtype == per_leaf.dtype
+
+
+# --- the eager fused path: TrainState.apply_gradients in torch.optim's foreach kernels -------------
+
+FUSED_CASES = [c for c in CASES if c[0] in ("sgd", "adam", "adamw")]
+
+
+def bare_state(tx, p0):
+    """A state over a plain params dict (no module: nothing frozen)."""
+    step = torch.zeros((), dtype=torch.int64)
+    return TrainState(step, dict(p0), {}, tx.init(p0), random.key(0), apply_fn=None, tx=tx)
+
+
+def counting(tx, calls):
+    """``tx`` with an ``update`` that counts its calls: the chain ran (the fused path did not)."""
+
+    def update(*args, **kwargs):
+        calls.append(1)
+        return tx.update(*args, **kwargs)
+
+    return tx._replace(update=update)
+
+
+def run_state(tx, p0, noises):
+    state = bare_state(tx, p0)
+    for noise in noises:
+        state = state.apply_gradients(grad_at(noise, state.params))
+    return state
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", FUSED_CASES, ids=[_case_id(c) for c in FUSED_CASES])
+def test_apply_gradients_is_bitwise_torch_optim_foreach(case, dtype):
+    name, cls, kw, make = case
+    p0 = model_params(dtype)
+    noises = grad_sequence(p0, n=20)
+    calls = []
+    state = run_state(counting(make(kw), calls), p0, noises)
+    theirs = run_torch(cls, p0, noises, foreach=True, **kw)
+    assert not calls, "the fused path was not taken"
+    assert tree.equal(state.params, theirs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_schedule_is_bitwise_torch_and_reports_the_chains_lr(dtype):
+    schedule = schedules.warmup_cosine_decay(0.0, 1e-2, 3, 20)
+    p0 = model_params(dtype)
+    noises = grad_sequence(p0, n=20)
+    calls = []
+    tx = counting(optim.adamw(schedule, weight_decay=0.1, amsgrad=True), calls)
+    state = run_state(tx, p0, noises)
+    lrs = [float(schedule(torch.tensor(i))) for i in range(20)]
+    theirs = run_torch(torch.optim.AdamW, p0, noises, foreach=True, lrs=lrs, weight_decay=0.1, amsgrad=True)
+    assert not calls and tree.equal(state.params, theirs)
+    grads = grad_at(noises[0], state.params)
+    _, fused = optim.record(state.apply_gradients, grads)
+    (_, _), chain = optim.record(tx.update, grads, state.opt_state, state.params)
+    assert len(calls) == 1 and fused.keys() == chain.keys() == {"lr"} and torch.equal(fused["lr"], chain["lr"])
+
+
+FUSED_TXS = {
+    "adamw": lambda: optim.adamw(1e-2),
+    "adam-amsgrad-maximize-l2": lambda: optim.adam(1e-2, weight_decay=0.1, amsgrad=True, maximize=True),
+    "adamw-schedule-no-decay": lambda: optim.adamw(schedules.cosine_decay(1e-2, 10), weight_decay=0.0),
+    "sgd": lambda: optim.sgd(0.1),
+    "sgd-nesterov-schedule": lambda: optim.sgd(schedules.linear(0.1, 0.0, 10), 0.9, True, weight_decay=0.1),
+}
+
+
+@pytest.mark.parametrize("name", FUSED_TXS)
+def test_fused_state_is_the_chains_state(name):
+    """Types, structure and dtypes as the chain keeps them (checkpoints, compiled steps and
+    inject_hyperparams see one state), and the values to rounding."""
+    tx, calls = FUSED_TXS[name](), []
+    p0 = model_params(torch.float32)
+    noises = grad_sequence(p0, n=3)
+    chain_params, chain_state = run_ours(tx, p0, noises)
+    fused = run_state(counting(tx, calls), p0, noises)
+    assert not calls, "the fused path was not taken"
+    assert tree.structure(fused.opt_state) == tree.structure(chain_state)
+    assert [x.dtype for x in tree.leaves(fused.opt_state)] == [x.dtype for x in tree.leaves(chain_state)]
+    assert tree.allclose(fused.opt_state, chain_state, rtol=1e-5, atol=1e-7)
+    assert tree.allclose(fused.params, chain_params, rtol=1e-5, atol=1e-7)
+
+
+def test_frozen_params_stay_as_they_are_on_the_fused_path():
+    model = torch.nn.Linear(3, 2)
+    model.bias.requires_grad_(False)
+    weight, bias = model.weight.detach().clone(), model.bias.detach().clone()
+    calls = []
+    state = TrainState.create(model, counting(optim.adamw(1e-2, weight_decay=0.1), calls))
+    frozen = state.params["bias"]
+    reference = torch.optim.AdamW([weight.requires_grad_(True)], lr=1e-2, weight_decay=0.1, foreach=True)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        grad = torch.randn(2, 3, generator=g)
+        state = state.apply_gradients({"weight": grad})
+        weight.grad = grad
+        reference.step()
+    assert not calls and state.params["bias"] is frozen and torch.equal(frozen, bias)
+    assert torch.equal(state.params["weight"], weight.detach())
+
+
+def test_tensor_hyperparams_and_masks_keep_the_chain(float64):
+    """Injected hyperparameters (tensors in the state) and a decay mask have no fused path; the
+    chain stays within 1e-10 of torch.optim."""
+    mask = {k: k.endswith("weight") for k in model_params()}
+    assert optim.inject_hyperparams(optim.adamw)(1e-2).fused_apply is None
+    assert optim.adamw(1e-2, mask=mask).fused_apply is None
+    assert optim.sgd(torch.tensor(0.1)).fused_apply is None
+    assert optim.chain(optim.adamw(1e-2), optim.ema_params(0.9)).fused_apply is None
+    p0 = model_params()
+    noises = grad_sequence(p0, n=20)
+    state = run_state(optim.inject_hyperparams(optim.adamw)(1e-2, weight_decay=0.1), p0, noises)
+    assert_same_change(
+        state.params, run_torch(torch.optim.AdamW, p0, noises, foreach=True, lr=1e-2, weight_decay=0.1), p0
+    )
+
+
+def test_under_vmap_and_compile_apply_gradients_runs_the_chain():
+    tx = optim.adamw(1e-2, weight_decay=0.1, amsgrad=True)
+    p0 = model_params(torch.float32)
+    grads = grad_at(grad_sequence(p0, n=1)[0], p0)
+    chain_params, chain_state = run_ours(tx, p0, [grad_sequence(p0, n=1)[0]])
+    calls = []
+    state = bare_state(counting(tx, calls), p0)
+    stacked = torch.func.vmap(TrainState.apply_gradients)(tree.stack([state, state]), tree.stack([grads, grads]))
+    assert len(calls) == 1
+    for member in tree.unstack(stacked):
+        assert tree.allclose(member.params, chain_params) and tree.allclose(member.opt_state, chain_state)
+    compiled = torch.compile(TrainState.apply_gradients, backend="eager", fullgraph=True)(state, grads)
+    assert len(calls) == 2
+    assert tree.allclose(compiled.params, chain_params) and tree.allclose(compiled.opt_state, chain_state)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_chain_ending_in_a_named_optimizer_applies_it_fused(dtype):
+    """``chain(clip, adamw)``: the clip's updates go to AdamW's fused apply; the state is the chain's,
+    the grad norm is reported, and the params are torch's clip_grad_norm_ + AdamW(foreach=True)'s
+    (to rounding: the clip's norm is ftrain's)."""
+    p0 = model_params(dtype)
+    noises = grad_sequence(p0, n=20)
+    inner_calls, calls = [], []
+    adamw = counting(optim.adamw(1e-2, weight_decay=0.1), inner_calls)
+    tx = counting(optim.chain(optim.clip_by_global_norm(1.0), adamw), calls)
+    state = run_state(tx, p0, noises)
+    assert not calls and not inner_calls
+    chain_params, chain_state = run_ours(tx, p0, noises)
+    assert tree.structure(state.opt_state) == tree.structure(chain_state)
+    assert tree.allclose(state.opt_state, chain_state) and tree.allclose(state.params, chain_params)
+    params = {k: v.clone().requires_grad_(True) for k, v in p0.items()}
+    opt = torch.optim.AdamW(list(params.values()), lr=1e-2, weight_decay=0.1, foreach=True)
+    for noise in noises:
+        grads = grad_at(noise, {k: v.detach() for k, v in params.items()})
+        for k, v in params.items():
+            v.grad = grads[k]
+        torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0, foreach=True)
+        opt.step()
+    assert_same_change(
+        state.params, {k: v.detach() for k, v in params.items()}, p0, rtol=1e-5 if dtype == torch.float32 else RTOL
+    )
+    grads = grad_at(noises[0], state.params)
+    _, reported = optim.record(state.apply_gradients, grads, gradients=grads)
+    assert sorted(reported) == ["grad_norm", "lr"]
+
+
+def test_another_optimizers_state_gets_the_chains_error():
+    params = model_params(torch.float32)
+    for other, got in [(optim.sgd(0.1, 0.9).init(params), "a tuple of 2 states"), ({"mu": params}, "dict")]:
+        state = bare_state(optim.adamw(1e-2), params).replace(opt_state=other)
+        with pytest.raises(ValueError, match=f"chain of 3 transformations got {got}"):
+            state.apply_gradients(tree.ones_like(params))

@@ -8,11 +8,14 @@ schedule (a function of the step count, see :mod:`ftrain.schedules`).
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from ._base import GradientTransformation, Scalar, ScalarOrSchedule, chain, check_hyperparam
+from ._base import GradientTransformation, Scalar, ScalarOrSchedule, chain, check_hyperparam, is_tensor_hyperparam
+from ._fused import FusedApply, adam_apply, sgd_apply
 from ._transform import (
     add_decayed_weights,
     scale,
@@ -47,12 +50,20 @@ def _named(
     decoupled: bool = False,
     mask: Any = None,
     maximize: bool = False,
+    fused: Callable[..., FusedApply] | None = None,
+    scalars: tuple = (),
 ) -> GradientTransformation:
     """The chain every named optimizer is: ``[scale(-1)], [L2 decay], *core, [decoupled decay], lr``.
 
     torch.optim negates the gradient first (``maximize``), then adds L2 weight decay; decoupled
     (AdamW-style) decay comes after the adaptive blocks, right before the learning rate.
     ``None`` entries of ``core`` are left out.
+
+    ``fused(index=..., size=...)`` builds the chain's eager ``fused_apply`` (see ``optim._fused``),
+    given where the first core block's state sits in the chain's state (``None``: no core block)
+    and how many blocks the chain has. It
+    is left out when a hyperparameter (the learning rate, weight decay, ``scalars``) is a
+    tensor or a ``mask`` limits the decay: the chain alone serves those.
     """
     check_hyperparam(owner, "learning_rate", learning_rate)
     decay = None if _is_zero(weight_decay) else add_decayed_weights(weight_decay, mask)
@@ -63,7 +74,12 @@ def _named(
         decay if decoupled else None,
         scale_by_learning_rate(learning_rate),
     )
-    return chain(*(t for t in blocks if t is not None))
+    kept = [t for t in blocks if t is not None]
+    tx = chain(*kept)
+    if fused is None or mask is not None or any(map(is_tensor_hyperparam, (learning_rate, weight_decay, *scalars))):
+        return tx
+    index = next((i for i, t in enumerate(kept) if core and t is core[0]), None)
+    return tx._replace(fused_apply=fused(index=index, size=len(kept)))
 
 
 def sgd(
@@ -97,7 +113,14 @@ def sgd(
     if nesterov and _is_zero(momentum):
         raise ValueError("sgd: nesterov=True needs a momentum > 0 (as in torch.optim.SGD)")
     momentum_block = None if _is_zero(momentum) else trace(momentum, nesterov)
-    return _named("sgd", learning_rate, momentum_block, weight_decay=weight_decay, maximize=maximize)
+    fused = functools.partial(
+        sgd_apply, learning_rate, 0.0 if momentum is None else momentum, nesterov, weight_decay=weight_decay,
+        maximize=maximize,
+    )  # fmt: skip
+    return _named(
+        "sgd", learning_rate, momentum_block, weight_decay=weight_decay, maximize=maximize, fused=fused,
+        scalars=(momentum,),
+    )  # fmt: skip
 
 
 def adam(
@@ -122,8 +145,7 @@ def adam(
     >>> u["w"]
     tensor([-0.1000,  0.1000])
     """
-    adaptive = scale_by_adam(b1, b2, eps, amsgrad=amsgrad)
-    return _named("adam", learning_rate, adaptive, weight_decay=weight_decay, maximize=maximize)
+    return _adam("adam", learning_rate, b1, b2, eps, weight_decay, False, None, amsgrad, maximize)
 
 
 def adamw(
@@ -151,10 +173,22 @@ def adamw(
     >>> optim.apply_updates(p, u)["w"]     # 1 - 0.1 * (1 + 0.5 * 1)
     tensor([0.8500])
     """
-    adaptive = scale_by_adam(b1, b2, eps, amsgrad=amsgrad)
+    return _adam("adamw", learning_rate, b1, b2, eps, weight_decay, True, mask, amsgrad, maximize)
+
+
+def _adam(
+    owner: str, learning_rate: ScalarOrSchedule, b1: Scalar, b2: Scalar, eps: Scalar, weight_decay: Scalar,
+    decoupled: bool, mask: Any, amsgrad: bool, maximize: bool,
+) -> GradientTransformation:  # fmt: skip
+    """Adam's chain (``decoupled``: AdamW's), with its fused eager apply."""
+    fused = functools.partial(
+        adam_apply, learning_rate, b1, b2, eps, weight_decay=weight_decay, decoupled=decoupled, amsgrad=amsgrad,
+        maximize=maximize,
+    )  # fmt: skip
     return _named(
-        "adamw", learning_rate, adaptive, weight_decay=weight_decay, decoupled=True, mask=mask, maximize=maximize
-    )
+        owner, learning_rate, scale_by_adam(b1, b2, eps, amsgrad=amsgrad), weight_decay=weight_decay,
+        decoupled=decoupled, mask=mask, maximize=maximize, fused=fused, scalars=(b1, b2, eps),
+    )  # fmt: skip
 
 
 def nadam(

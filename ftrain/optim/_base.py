@@ -31,6 +31,13 @@ class GradientTransformation(NamedTuple):
     its inputs, so a transformation is safe to call inside ``torch.compile`` and
     ``torch.func.vmap``.
 
+    ``fused_apply(grads, state, params) -> (new_params, state) | None``, optional, is
+    the same step with the updates applied, in ``torch.optim``'s own foreach kernels
+    (eager only: it returns ``None`` when it cannot serve a call, and the caller then
+    runs ``update`` and :func:`apply_updates`). :meth:`ftrain.TrainState.apply_gradients`
+    uses it; the named Adam, AdamW and SGD fill it, a :func:`chain` ending in one of them
+    too (``chain(clip_by_global_norm(1.0), adamw(1e-3))``); a wrapper has none.
+
     Example:
         >>> import torch
         >>> from ftrain import optim
@@ -43,6 +50,7 @@ class GradientTransformation(NamedTuple):
 
     init: Callable[[PyTree], PyTree]
     update: Callable[..., tuple[PyTree, PyTree]]
+    fused_apply: Callable[..., tuple[PyTree, PyTree] | None] | None = None
 
 
 class EmptyState(NamedTuple):
@@ -72,7 +80,7 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
     def init(params):
         return tuple(t.init(params) for t in transforms)
 
-    def update(updates, state, params=None):
+    def run(ts, updates, state, params):
         if not isinstance(state, tuple) or len(state) != len(transforms):
             got = f"a tuple of {len(state)} states" if isinstance(state, tuple) else type(state).__name__
             raise ValueError(
@@ -80,12 +88,28 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
                 "(was the optimizer changed after the state was created or restored?)"
             )
         new_state = []
-        for t, s in zip(transforms, state):
+        for t, s in zip(ts, state):
             updates, s = t.update(updates, s, params)
             new_state.append(s)
+        return updates, new_state
+
+    def update(updates, state, params=None):
+        updates, new_state = run(transforms, updates, state, params)
         return updates, tuple(new_state)
 
-    return GradientTransformation(init, update)
+    def fused_apply(grads, state, params):
+        # The last transformation applies itself (eager only): the others' updates are its gradients.
+        if not tree.host_readable():
+            return None
+        updates, new_state = run(transforms[:-1], grads, state, params)
+        applied = last.fused_apply(updates, state[-1], params)
+        if applied is None:
+            last_updates, last_state = last.update(updates, state[-1], params)
+            applied = apply_updates(params, last_updates), last_state
+        return applied[0], (*new_state, applied[1])
+
+    last = transforms[-1] if transforms else None
+    return GradientTransformation(init, update, fused_apply if last is not None and last.fused_apply else None)
 
 
 def apply_updates(params: PyTree, updates: PyTree) -> PyTree:
