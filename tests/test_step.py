@@ -112,12 +112,33 @@ def test_donate_hands_over_any_state_class_and_plain_pytrees():
     assert type(new) is WithEMA and new.apply_fn is state.apply_fn and leaves_equal(new, expected)
     with pytest.raises(ftrain.DonatedStateError):
         state.ema["weight"]
-    # A plain dict state (a step written from scratch): the new dict holds the input's tensors.
+    # A plain dict state (a step written from scratch) cannot be poisoned: donating it gives the new dict.
     plain = {"w": torch.ones(2), "n": torch.zeros(())}
-    weights = plain["w"]
     dict_step = ftrain.compile_step(lambda s, b: ({"w": s["w"] * b, "n": s["n"] + 1}, {}), compile=False)
     out, _ = dict_step.donate(plain, torch.tensor(3.0))
-    assert out["w"] is weights and torch.equal(weights, torch.full((2,), 3.0)) and int(out["n"]) == 1
+    assert torch.equal(out["w"], torch.full((2,), 3.0)) and int(out["n"]) == 1
+
+
+def test_an_eager_donation_is_the_pure_step_without_copying_back_and_retires_the_input():
+    def loss_fn(apply, params, buffers, batch, key):
+        return apply(params, buffers, batch)[0].square().mean()
+
+    step = ftrain.make_train_step(loss_fn, compile=False)
+    state = ftrain.TrainState.create(nn.Linear(4, 2), optim.adamw(0.1), key=ftrain.random.key(0))
+    batch = torch.ones(3, 4)
+    expected, expected_metrics = step(state, batch)
+    inputs = [x.clone() for x in tree.leaves(state)]
+    given = list(tree.leaves(state))
+    new, metrics = step.donate(state, batch)
+    assert leaves_equal(new, expected) and tree.equal(metrics, expected_metrics)
+    # (No write back into the input's tensors, the pass that would buy nothing eagerly.)
+    assert all(torch.equal(x, before) for x, before in zip(given, inputs))
+    with pytest.raises(ftrain.DonatedStateError):
+        state.params["weight"]
+    with pytest.raises(ftrain.DonatedStateError):
+        step.donate(state, batch)
+    again, _ = step.donate(new, batch)  # the returned state donates on
+    assert int(again.step) == 2
 
 
 def test_donate_refuses_a_state_whose_leaves_share_memory(mlp_setup):

@@ -2,7 +2,9 @@
 
 ``train_step.donate(state, batch)`` runs :func:`donating` (the step with its results copied into
 the input tensors), then :func:`hand_over` moves those tensors to a new state object and makes
-every field of the old one raise :class:`DonatedStateError`.
+every field of the old one raise :class:`DonatedStateError`. An eager step skips the copy (its
+new tensors exist already, and writing them back saves no memory) and only :func:`retire` s the
+input.
 """
 
 from __future__ import annotations
@@ -60,18 +62,29 @@ TRUSTED: weakref.WeakSet = weakref.WeakSet()
 
 def hand_over(state: Any) -> Any:
     """A new state object holding ``state``'s (now updated) tensors; ``state`` itself is poisoned."""
-    if not (dataclasses.is_dataclass(state) and hasattr(state, "__dict__")):
+    if not _poisonable(state):
         leaves, spec = tree.flatten(state)
         return tree.unflatten(spec, leaves)
+    # (A shallow copy: the fields' containers are shared, and only the new object can reach them.)
+    new_state = object.__new__(type(state))
+    new_state.__dict__.update(state.__dict__)
+    retire(state)
+    return new_state
+
+
+def retire(state: Any) -> None:
+    """Poison ``state`` (a donated input whose successor was computed elsewhere): every later use raises."""
+    if not _poisonable(state):
+        return
     poison = _LEAF_FIELDS.get(type(state))
     if poison is None:
         fields = (f.name for f in dataclasses.fields(state) if not f.metadata.get("static"))
         poison = _LEAF_FIELDS[type(state)] = dict.fromkeys(fields, _DONATED)
-    # (A shallow copy: the fields' containers are shared, and only the new object can reach them.)
-    new_state = object.__new__(type(state))
-    new_state.__dict__.update(state.__dict__)
     state.__dict__.update(poison)
-    return new_state
+
+
+def _poisonable(state: Any) -> bool:
+    return dataclasses.is_dataclass(state) and hasattr(state, "__dict__")
 
 
 def check_alive(state: Any) -> None:
