@@ -318,15 +318,16 @@ class TrainStep(_Step):
         if self._direct():
             return self.core(state, batch)
         _donate.check_alive(state)
-        if state not in _donate.TRUSTED:  # (first: a state that cannot be donated is refused as such)
-            _donate.check_no_aliasing(state)
         if not self.compiled:
             # Eager, the new state's tensors exist once the step returns: copying them into the
             # input's would cost a pass over the state and save no memory. The input is retired.
+            # (Nothing is written in place, so leaves sharing memory are no hazard here.)
             self._admit(state, batch, self.core)
             new_state, metrics = self._run(self.core, state, batch)
             _donate.retire(state)
         else:
+            if state not in _donate.TRUSTED:  # (first: a state that cannot be donated is refused as such)
+                _donate.check_no_aliasing(state)
             if self._donating is None:
                 self._donating = self._compile(_donate.donating(self.core))
             self._admit(state, batch, self._donating)
