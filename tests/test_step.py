@@ -119,26 +119,50 @@ def test_donate_hands_over_any_state_class_and_plain_pytrees():
     assert torch.equal(out["w"], torch.full((2,), 3.0)) and int(out["n"]) == 1
 
 
-def test_an_eager_donation_is_the_pure_step_without_copying_back_and_retires_the_input():
+def test_an_eager_donation_updates_params_and_moments_in_place_and_nothing_else():
     def loss_fn(apply, params, buffers, batch, key):
         return apply(params, buffers, batch)[0].square().mean()
 
+    def make():
+        torch.manual_seed(0)
+        return ftrain.TrainState.create(nn.Linear(4, 2), optim.adamw(0.1), key=ftrain.random.key(0))
+
     step = ftrain.make_train_step(loss_fn, compile=False)
-    state = ftrain.TrainState.create(nn.Linear(4, 2), optim.adamw(0.1), key=ftrain.random.key(0))
+    state = make()
     batch = torch.ones(3, 4)
     expected, expected_metrics = step(state, batch)
-    inputs = [x.clone() for x in tree.leaves(state)]
-    given = list(tree.leaves(state))
+    written = [*state.params.values(), *state.opt_state[0].mu.values(), *state.opt_state[0].nu.values()]
     new, metrics = step.donate(state, batch)
     assert leaves_equal(new, expected) and tree.equal(metrics, expected_metrics)
-    # (No write back into the input's tensors, the pass that would buy nothing eagerly.)
-    assert all(torch.equal(x, before) for x, before in zip(given, inputs))
+    # The optimizer wrote into the input's tensors, as torch.optim does (bitwise the pure step's values).
+    assert [*new.params.values(), *new.opt_state[0].mu.values(), *new.opt_state[0].nu.values()] == written
     with pytest.raises(ftrain.DonatedStateError):
         state.params["weight"]
-    with pytest.raises(ftrain.DonatedStateError):
-        step.donate(state, batch)
     again, _ = step.donate(new, batch)  # the returned state donates on
     assert int(again.step) == 2
+    # A step of your own may read its input after the update: its eager donation writes nothing in place.
+    user_step = ftrain.compile_step(lambda s, b: step.core(s, b), compile=False)
+    mine = make()
+    weight = mine.params["weight"].clone()
+    given = mine.params["weight"]
+    out, _ = user_step.donate(mine, batch)
+    assert torch.equal(given, weight) and leaves_equal(out, expected)
+
+
+def test_updating_in_place_writes_only_the_tensors_it_was_given():
+    tx = optim.adamw(0.1)
+    params = {"w": torch.ones(3)}
+    grads = {"w": torch.full((3,), 0.5)}
+    pure, pure_state = tx.fused_apply(grads, tx.init(params), params)
+    state = tx.init(params)
+    with optim.updating_in_place([params["w"]]):  # (the moments are not among them: all out of place)
+        new, _ = tx.fused_apply(grads, state, params)
+    assert new["w"] is not params["w"] and torch.equal(params["w"], torch.ones(3)) and torch.equal(new["w"], pure["w"])
+    given = [params["w"], state[0].mu["w"], state[0].nu["w"]]
+    with optim.updating_in_place(given):
+        new, new_state = tx.fused_apply(grads, state, params)
+    assert new["w"] is params["w"] and new_state[0].mu["w"] is given[1]
+    assert torch.equal(new["w"], pure["w"]) and tree.equal(new_state, pure_state)
 
 
 def test_donate_refuses_a_state_whose_leaves_share_memory(mlp_setup):
@@ -326,6 +350,19 @@ def test_fp16_loss_scaling_skips_an_overflowing_step_and_recovers():
     assert not tree.equal(trace[2][2].params, after_overflow.params), "training must resume after the back-off"
     assert all(p.dtype == torch.float32 for p in state.params.values()), "master params stay float32"
     assert train_step.num_compiles == 1
+
+
+def test_an_eager_fp16_donation_still_skips_an_overflowing_step():
+    # (Loss scaling keeps the input's values on overflow: the update must not have written them.)
+    eager_step = ftrain.make_train_step(mse_loss, precision=precision.Policy(torch.float16), compile=False)
+    g = torch.Generator().manual_seed(0)
+    good = (torch.randn(8, 4, generator=g), torch.randn(8, 2, generator=g))
+    pure = donated = scaled_state()
+    for batch in (good, (good[0] * 1e5, good[1]), good):
+        pure, _ = eager_step(pure, batch)
+        donated, metrics = eager_step.donate(donated, batch)
+        assert leaves_equal(donated, pure)
+    assert float(donated.loss_scale.scale) == 512
 
 
 def test_bf16_autocast_runs_the_forward_in_bf16_with_fp32_params():

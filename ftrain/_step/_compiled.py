@@ -17,7 +17,7 @@ from typing import Any, Literal
 import torch
 from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
 
-from .. import tree
+from .. import optim, tree
 from .._module import ModuleApply
 from .._state import TrainState
 from .._validate import check_one_of
@@ -294,9 +294,12 @@ class TrainStep(_Step):
 
     kind = "train_step"
 
-    def __init__(self, core: Callable, **kwargs: Any):
+    def __init__(self, core: Callable, *, in_place: bool = False, **kwargs: Any):
         super().__init__(core, **kwargs)
         self._donating: Callable | None = None
+        # The core reads nothing of its input state after the optimizer update (make_train_step's,
+        # without loss scaling), so an eager donation may let the update write into the input.
+        self.in_place = in_place
 
     def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, dict]:
         """One pure step: ``state`` is left untouched."""
@@ -319,12 +322,21 @@ class TrainStep(_Step):
             return self.core(state, batch)
         _donate.check_alive(state)
         if not self.compiled:
-            # Eager, the new state's tensors exist once the step returns: copying them into the
-            # input's would cost a pass over the state and save no memory. The input is retired.
-            # (Nothing is written in place, so leaves sharing memory are no hazard here.)
+            # Eager, there is no graph whose outputs could be planned into the inputs: with
+            # ``in_place`` the optimizer update writes into the input's params and moments, as
+            # torch.optim does (the same kernels, no allocation); the rest is new tensors, as in the
+            # pure step (copying those back would be a pass over the state for nothing). The input
+            # is retired either way.
+            if self.in_place and state not in _donate.TRUSTED:
+                _donate.check_no_aliasing(state)
             self._admit(state, batch, self.core)
-            new_state, metrics = self._run(self.core, state, batch)
+            writable = optim.updating_in_place(tree.leaves(state)) if self.in_place else contextlib.nullcontext()
+            with writable:
+                new_state, metrics = self._run(self.core, state, batch)
             _donate.retire(state)
+            if self.in_place:
+                with contextlib.suppress(TypeError):
+                    _donate.TRUSTED.add(new_state)
         else:
             if state not in _donate.TRUSTED:  # (first: a state that cannot be donated is refused as such)
                 _donate.check_no_aliasing(state)

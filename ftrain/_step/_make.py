@@ -91,9 +91,11 @@ def make_train_step(
     check_int(accumulate, "accumulate", who="make_train_step")
     if mesh is not None and not callable(getattr(mesh, "pmean", None)):
         raise TypeError(f"make_train_step: mesh must be an ftrain.Mesh (with .pmean), got {type(mesh).__name__}")
-    core = train_core(loss_fn, Policy.coerce(precision), accumulate, mesh, step_metrics=step_metrics)
+    policy = Policy.coerce(precision)
+    core = train_core(loss_fn, policy, accumulate, mesh, step_metrics=step_metrics)
     return TrainStep(
         core,
+        in_place=not policy.loss_scaling,  # (a skipped overflowing step keeps the input's values)
         compile=compile,
         deterministic=deterministic,
         new_shapes=new_shapes,

@@ -35,6 +35,7 @@ from ._base import Schedule as Schedule
 from ._base import apply_updates as apply_updates
 from ._base import chain as chain
 from ._base import identity as identity
+from ._fused import updating_in_place as updating_in_place
 from ._report import record as record
 from ._report import report as report
 from ._transform import ClipByGlobalNormState as ClipByGlobalNormState

@@ -17,7 +17,8 @@ or when a leaf is not a plain tensor of its param's dtype. Then the caller runs 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -29,6 +30,39 @@ from ._report import report, report_learning_rate
 from ._transform import ScaleByAdamState, ScaleByScheduleState, TraceState
 
 FusedApply = Callable[[PyTree, Any, PyTree], tuple[PyTree, Any] | None]
+
+_WRITABLE: list[frozenset[int]] = []  # the tensors (by id) the innermost updating_in_place() gave over
+
+
+@contextlib.contextmanager
+def updating_in_place(tensors: Iterable[torch.Tensor]) -> Iterator[None]:
+    """Within the block, an eager fused update writes its results into the ``tensors`` it replaces.
+
+    For a donated state, whose old values nobody reads again: the params and optimizer state the
+    update would allocate anew (and any input read after it) are ``tensors`` it may overwrite,
+    so it writes into them as ``torch.optim`` does, with the same kernels: the same bits, no
+    allocation. An update whose params or moments are not all among ``tensors`` computes out
+    of place as usual. ``TrainStep.donate`` uses it when the step is eager.
+
+    Example:
+        >>> import torch
+        >>> from ftrain import optim
+        >>> tx, p = optim.sgd(0.5), {"w": torch.ones(2)}
+        >>> w = p["w"]
+        >>> with optim.updating_in_place([w]):
+        ...     new, _ = tx.fused_apply({"w": torch.ones(2)}, tx.init(p), p)
+        >>> new["w"] is w, w
+        (True, tensor([0.5000, 0.5000]))
+    """
+    _WRITABLE.append(frozenset(map(id, tensors)))
+    try:
+        yield
+    finally:
+        _WRITABLE.pop()
+
+
+def _writable(*columns: list[torch.Tensor]) -> bool:
+    return bool(_WRITABLE) and all(id(x) in _WRITABLE[-1] for column in columns for x in column)
 
 
 def _leaf_lists(params: PyTree, *trees: PyTree) -> tuple[list[list[torch.Tensor]], Any] | None:
@@ -107,6 +141,7 @@ def adam_apply(
         if found is None:
             return None
         (p, g, m, v, *v_max), spec = found
+        in_place = _writable(p, m, v, *v_max)
         lr = rate.read(lr_state, p[0])
         count = adam.count + 1
         t = float(count.item())
@@ -114,17 +149,30 @@ def adam_apply(
             g = torch._foreach_neg(g)
         if weight_decay != 0 and not decoupled:
             g = torch._foreach_add(g, p, alpha=weight_decay)
-        m = torch._foreach_lerp(m, g, 1 - b1)
-        v = torch._foreach_mul(v, b2)
+        if in_place:
+            torch._foreach_lerp_(m, g, 1 - b1)
+            torch._foreach_mul_(v, b2)
+        else:
+            m = torch._foreach_lerp(m, g, 1 - b1)
+            v = torch._foreach_mul(v, b2)
         torch._foreach_addcmul_(v, g, g, 1 - b2)
         step_size = (lr / (1 - b1**t)) * -1
         if amsgrad:
-            v_max = torch._foreach_maximum(v_max[0], v)
+            if in_place:
+                torch._foreach_maximum_(v_max[0], v)
+                v_max = v_max[0]
+            else:
+                v_max = torch._foreach_maximum(v_max[0], v)
         denom = torch._foreach_sqrt(v_max if amsgrad else v)
         torch._foreach_div_(denom, (1 - b2**t) ** 0.5)
         torch._foreach_add_(denom, eps)
         if weight_decay != 0 and decoupled:
-            p = torch._foreach_mul(p, 1 - lr * weight_decay)
+            if in_place:
+                torch._foreach_mul_(p, 1 - lr * weight_decay)
+            else:
+                p = torch._foreach_mul(p, 1 - lr * weight_decay)
+            torch._foreach_addcdiv_(p, m, denom, step_size)
+        elif in_place:
             torch._foreach_addcdiv_(p, m, denom, step_size)
         else:
             p = torch._foreach_addcdiv(p, m, denom, step_size)
@@ -160,6 +208,7 @@ def sgd_apply(
         if found is None:
             return None
         (p, g, *buf), spec = found
+        in_place = _writable(p, *buf)
         lr = rate.read(lr_state, p[0])
         if maximize:
             g = torch._foreach_neg(g)
@@ -168,11 +217,18 @@ def sgd_apply(
         changes = {len(opt_state) - 1: rate.next_state(lr_state)}
         if index is not None:
             # torch's first buffer is a copy of the gradient; ours starts at zero: 0 * momentum + g is g.
-            buf = torch._foreach_mul(buf[0], momentum)
+            if in_place:
+                buf = buf[0]
+                torch._foreach_mul_(buf, momentum)
+            else:
+                buf = torch._foreach_mul(buf[0], momentum)
             torch._foreach_add_(buf, g)
             changes[index] = TraceState(tree.unflatten(spec, buf))
             g = torch._foreach_add(g, buf, alpha=momentum) if nesterov else buf
-        new_params = tree.unflatten(spec, torch._foreach_add(p, g, alpha=-lr))
-        return new_params, _replaced(opt_state, changes)
+        if in_place:
+            torch._foreach_add_(p, g, alpha=-lr)
+        else:
+            p = torch._foreach_add(p, g, alpha=-lr)
+        return tree.unflatten(spec, p), _replaced(opt_state, changes)
 
     return fused_apply
