@@ -921,7 +921,10 @@ def test_a_chain_ending_in_a_named_optimizer_applies_it_fused(dtype):
 
 def test_another_optimizers_state_gets_the_chains_error():
     params = model_params(torch.float32)
-    for other, got in [(optim.sgd(0.1, 0.9).init(params), "a tuple of 2 states"), ({"mu": params}, "dict")]:
+    injected = optim.inject_hyperparams(optim.adamw)(learning_rate=1e-2).init(params)  # (3 fields, like adamw's chain)
+    cases = [(optim.sgd(0.1, 0.9).init(params), "a tuple of 2 states"), ({"mu": params}, "dict"),
+             (injected, "InjectHyperparamsState")]  # fmt: skip
+    for other, got in cases:
         state = bare_state(optim.adamw(1e-2), params).replace(opt_state=other)
         with pytest.raises(ValueError, match=f"chain of 3 transformations got {got}"):
             state.apply_gradients(tree.ones_like(params))

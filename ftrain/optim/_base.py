@@ -81,8 +81,9 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
         return tuple(t.init(params) for t in transforms)
 
     def run(ts, updates, state, params):
-        if not isinstance(state, tuple) or len(state) != len(transforms):
-            got = f"a tuple of {len(state)} states" if isinstance(state, tuple) else type(state).__name__
+        # (A plain tuple: another optimizer's state, a NamedTuple, would pass a length check.)
+        if type(state) is not tuple or len(state) != len(transforms):
+            got = f"a tuple of {len(state)} states" if type(state) is tuple else type(state).__name__
             raise ValueError(
                 f"chain of {len(transforms)} transformations got {got}; pass the state its own init() built "
                 "(was the optimizer changed after the state was created or restored?)"
