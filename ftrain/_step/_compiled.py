@@ -311,8 +311,9 @@ class TrainStep(_Step):
     def donate(self, state: TrainState, batch: Any) -> tuple[TrainState, dict]:
         """The same step, computed into ``state``'s own memory (peak memory ~4x params instead of ~7x).
 
-        (Eager, ``compile=False``, the new values go to new tensors as in the pure step, which is
-        cheaper there than writing them back; the input is consumed all the same.)
+        (Eager, ``compile=False``: a ``make_train_step`` step's optimizer update writes into the
+        input's params and moments, as torch.optim does; everything else goes to new tensors, as
+        in the pure step, where copying them back would buy nothing.)
         ``state`` is consumed: its tensors now hold the new values, and any later use of it
         (another step, ``state.params``, a checkpoint) raises :class:`DonatedStateError`. Use the
         state this returns. Do not donate a state whose tensors are shared with something you
@@ -321,30 +322,25 @@ class TrainStep(_Step):
         if self._direct():
             return self.core(state, batch)
         _donate.check_alive(state)
-        if not self.compiled:
-            # Eager, there is no graph whose outputs could be planned into the inputs: with
-            # ``in_place`` the optimizer update writes into the input's params and moments, as
-            # torch.optim does (the same kernels, no allocation); the rest is new tensors, as in the
-            # pure step (copying those back would be a pass over the state for nothing). The input
-            # is retired either way.
-            if self.in_place and state not in _donate.TRUSTED:
-                _donate.check_no_aliasing(state)
-            self._admit(state, batch, self.core)
-            writable = optim.updating_in_place(tree.leaves(state)) if self.in_place else contextlib.nullcontext()
-            with writable:
-                new_state, metrics = self._run(self.core, state, batch)
-            _donate.retire(state)
-            if self.in_place:
-                with contextlib.suppress(TypeError):
-                    _donate.TRUSTED.add(new_state)
-        else:
-            if state not in _donate.TRUSTED:  # (first: a state that cannot be donated is refused as such)
-                _donate.check_no_aliasing(state)
+        overwrites = self.compiled or self.in_place  # (the input's tensors get written)
+        if overwrites and state not in _donate.TRUSTED:  # (first: a state that cannot be donated is refused as such)
+            _donate.check_no_aliasing(state)
+        if self.compiled:
             if self._donating is None:
                 self._donating = self._compile(_donate.donating(self.core))
             self._admit(state, batch, self._donating)
             metrics = self._run(self._donating, state, batch, check_output=False)
             new_state = _donate.hand_over(state)
+        else:
+            # No graph whose outputs could be planned into the inputs: with ``in_place`` the
+            # optimizer update writes into the input's params and moments (the same kernels, no
+            # allocation); the rest is new tensors. The input is retired either way.
+            self._admit(state, batch, self.core)
+            writable = optim.updating_in_place(tree.leaves(state)) if self.in_place else contextlib.nullcontext()
+            with writable:
+                new_state, metrics = self._run(self.core, state, batch)
+            _donate.retire(state)
+        if overwrites:
             with contextlib.suppress(TypeError):  # (a plain dict state cannot be weakly referenced: checked each time)
                 _donate.TRUSTED.add(new_state)
         return new_state, metrics

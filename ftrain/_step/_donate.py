@@ -2,9 +2,10 @@
 
 ``train_step.donate(state, batch)`` runs :func:`donating` (the step with its results copied into
 the input tensors), then :func:`hand_over` moves those tensors to a new state object and makes
-every field of the old one raise :class:`DonatedStateError`. An eager step skips the copy (its
-new tensors exist already, and writing them back saves no memory) and only :func:`retire` s the
-input.
+every field of the old one raise :class:`DonatedStateError`. An eager step copies nothing back
+(its new tensors exist already: writing them into the input saves no memory; a
+``make_train_step`` step's optimizer update writes in place itself) and only :func:`retire` s
+the input.
 """
 
 from __future__ import annotations
