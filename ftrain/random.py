@@ -165,10 +165,7 @@ def _stream(k: torch.Tensor, shape: Sequence[int], device: torch.device | str | 
     # (cheap eagerly, and little for inductor to lower: a dropout mask per layer per step).
     check_key(k, who)
     shape = tuple(shape)
-    n = 1
-    for s in shape:
-        n *= s
-    counter = torch.arange(n, dtype=torch.int64, device=device if device is not None else k.device)
+    counter = torch.arange(math.prod(shape), dtype=torch.int64, device=device if device is not None else k.device)
     k = k.to(counter.device)
     return _mix64((counter + _seed(k)) * _GOLDEN64).reshape(shape)
 

@@ -65,6 +65,14 @@ def _writable(*columns: list[torch.Tensor]) -> bool:
     return bool(_WRITABLE) and all(id(x) in _WRITABLE[-1] for column in columns for x in column)
 
 
+def _foreach(op: str, in_place: bool, xs: list[torch.Tensor], *args: Any, **kwargs: Any) -> list[torch.Tensor]:
+    """``torch._foreach_<op>_`` on ``xs`` (returned) when ``in_place``, else ``torch._foreach_<op>``'s new list."""
+    if in_place:
+        getattr(torch, f"_foreach_{op}_")(xs, *args, **kwargs)
+        return xs
+    return getattr(torch, f"_foreach_{op}")(xs, *args, **kwargs)
+
+
 def _leaf_lists(params: PyTree, *trees: PyTree) -> tuple[list[list[torch.Tensor]], Any] | None:
     """The trees' leaves as lists, or ``None`` unless every leaf is a plain tensor of its param's dtype."""
     try:
@@ -149,33 +157,20 @@ def adam_apply(
             g = torch._foreach_neg(g)
         if weight_decay != 0 and not decoupled:
             g = torch._foreach_add(g, p, alpha=weight_decay)
-        if in_place:
-            torch._foreach_lerp_(m, g, 1 - b1)
-            torch._foreach_mul_(v, b2)
-        else:
-            m = torch._foreach_lerp(m, g, 1 - b1)
-            v = torch._foreach_mul(v, b2)
+        m = _foreach("lerp", in_place, m, g, 1 - b1)
+        v = _foreach("mul", in_place, v, b2)
         torch._foreach_addcmul_(v, g, g, 1 - b2)
         step_size = (lr / (1 - b1**t)) * -1
         if amsgrad:
-            if in_place:
-                torch._foreach_maximum_(v_max[0], v)
-                v_max = v_max[0]
-            else:
-                v_max = torch._foreach_maximum(v_max[0], v)
+            v_max = _foreach("maximum", in_place, v_max[0], v)
         denom = torch._foreach_sqrt(v_max if amsgrad else v)
         torch._foreach_div_(denom, (1 - b2**t) ** 0.5)
         torch._foreach_add_(denom, eps)
         if weight_decay != 0 and decoupled:
-            if in_place:
-                torch._foreach_mul_(p, 1 - lr * weight_decay)
-            else:
-                p = torch._foreach_mul(p, 1 - lr * weight_decay)
-            torch._foreach_addcdiv_(p, m, denom, step_size)
-        elif in_place:
+            p = _foreach("mul", in_place, p, 1 - lr * weight_decay)
             torch._foreach_addcdiv_(p, m, denom, step_size)
         else:
-            p = torch._foreach_addcdiv(p, m, denom, step_size)
+            p = _foreach("addcdiv", in_place, p, m, denom, step_size)
         nu_max = tree.unflatten(spec, v_max) if amsgrad else ()
         new_adam = ScaleByAdamState(count, tree.unflatten(spec, m), tree.unflatten(spec, v), nu_max)
         new_state = _replaced(opt_state, {index: new_adam, len(opt_state) - 1: rate.next_state(lr_state)})
@@ -217,18 +212,11 @@ def sgd_apply(
         changes = {len(opt_state) - 1: rate.next_state(lr_state)}
         if index is not None:
             # torch's first buffer is a copy of the gradient; ours starts at zero: 0 * momentum + g is g.
-            if in_place:
-                buf = buf[0]
-                torch._foreach_mul_(buf, momentum)
-            else:
-                buf = torch._foreach_mul(buf[0], momentum)
+            buf = _foreach("mul", in_place, buf[0], momentum)
             torch._foreach_add_(buf, g)
             changes[index] = TraceState(tree.unflatten(spec, buf))
             g = torch._foreach_add(g, buf, alpha=momentum) if nesterov else buf
-        if in_place:
-            torch._foreach_add_(p, g, alpha=-lr)
-        else:
-            p = torch._foreach_add(p, g, alpha=-lr)
+        p = _foreach("add", in_place, p, g, alpha=-lr)
         return tree.unflatten(spec, p), _replaced(opt_state, changes)
 
     return fused_apply
