@@ -135,7 +135,7 @@ def fold_in(k: torch.Tensor, data: int | torch.Tensor) -> torch.Tensor:
     elif isinstance(data, int) and not isinstance(data, bool):
         if tree.host_readable(k):
             return _fold_in_host(k, data)
-        d = torch.tensor(_signed64(data), dtype=torch.int64, device=k.device)
+        d = torch.full((), _signed64(data), dtype=torch.int64, device=k.device)
     else:
         raise TypeError(f"random.fold_in expects an integer scalar, got {type(data).__name__} {data!r}")
     return _words(_mix64((d + (_seed(k) + _FOLD_AT)) * _GOLDEN64))

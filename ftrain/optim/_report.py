@@ -70,7 +70,11 @@ def report_gradient_norm(updates: PyTree, norm: torch.Tensor) -> None:
 def report_learning_rate(learning_rate: Any, like: PyTree) -> None:
     """Report a learning rate (a float or a 0-d tensor) as ``"lr"``, on the device of ``like``."""
     if _RECORDS:
-        report("lr", torch.as_tensor(learning_rate, dtype=torch.float32, device=tree.device_of(like)))
+        device = tree.device_of(like)
+        if isinstance(learning_rate, torch.Tensor):
+            report("lr", learning_rate.to(dtype=torch.float32, device=device))
+        else:  # (a factory, not a constant tensor in the traced graph)
+            report("lr", torch.full((), learning_rate, dtype=torch.float32, device=device))
 
 
 def report_group(label: str, reported: dict) -> None:
