@@ -193,7 +193,7 @@ def main() -> None:
         rows += [("README", f"python examples/digits.py, {label}", *_medians(v)) for label, v in runs.items()]
 
     print(f"\n(medians of {args.repeat} run(s); load average at the end {os.getloadavg()[0]:.1f})")
-    print("| model | run | first step from process start | after `import ftrain` | CPU s by then | dynamo compiles |")
+    print("| model | run | first step from process start | after `import ftrain` | CPU s by then | compiles |")
     print("|---|---|---|---|---|---|")
     for name, label, from_start, after_import, cpu, compiles in rows:
         after = "" if after_import is None or label.startswith("torch") else f"{after_import:.2f} s"

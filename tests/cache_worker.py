@@ -3,8 +3,8 @@
     python tests/cache_worker.py OUT.pt          # FTRAIN_CACHE_DIR says where the cache is
 
 trains a few steps with ``make_train_step(loss_fn).donate`` (the cache is on by default) and
-saves the final params and ``num_compiles`` (dynamo compiles in this process: 0 when the step
-was served from the cache).
+saves the final params, ``num_compiles`` (compiles in this process: 0 when the step was served
+from the cache) and whether the compiler (dynamo, inductor) was imported.
 """
 
 from __future__ import annotations
@@ -69,7 +69,9 @@ def cold_cache(tmp_path, monkeypatch):
 def main(out: str) -> None:
     torch.set_num_threads(2)  # as in conftest: inductor's CPU kernels specialize on it
     params, step = train()
-    torch.save({"params": params, "compiles": step.num_compiles}, out)
+    # (A step served from the cache needs no compiler: neither is imported.)
+    loaded = {name: name in sys.modules for name in ("torch._dynamo", "torch._inductor")}
+    torch.save({"params": params, "compiles": step.num_compiles, "imported": loaded}, out)
 
 
 if __name__ == "__main__":

@@ -69,7 +69,7 @@ def key_of(**changes) -> str:
 
 def test_a_second_process_serves_the_step_from_the_cache_and_ends_bitwise_equal(two_runs):
     _, runs, _ = two_runs
-    assert sorted(r["compiles"] for r in runs) == [0, 1]  # one compiled, the other did no dynamo compile
+    assert sorted(r["compiles"] for r in runs) == [0, 1]  # one compiled, the other did no compile
     assert ftrain.tree.equal(runs[0]["params"], runs[1]["params"])  # bitwise, against a fresh compile
 
 
@@ -77,7 +77,18 @@ def test_two_processes_compiling_one_key_at_once_wait_for_one_compile_and_read_n
     directory, _, errors = two_runs
     assert not any("could not be used" in err for err in errors)  # neither read a partial file
     files = [f for f in (directory / "steps").rglob("*") if f.is_file()]
-    assert [f.suffix for f in files] == [".pt2"]  # one artifact, no temp file left
+    assert sorted(f.suffix for f in files) == [".lib", ".so"]  # one library and its metadata, no temp file left
+
+
+def test_a_warm_process_imports_no_compiler_and_needs_no_kernel_cache(two_runs, tmp_path):
+    directory = tmp_path / "ftrain"
+    shutil.copytree(two_runs[0] / "steps", directory / "steps")  # the library alone: no inductor cache
+    proc = start_worker(directory, tmp_path / "run.pt")
+    err = proc.communicate(timeout=300)[1]
+    assert proc.returncode == 0, err[-3000:]
+    run = torch.load(tmp_path / "run.pt")
+    assert run["compiles"] == 0 and run["imported"] == {"torch._dynamo": False, "torch._inductor": False}
+    assert ftrain.tree.equal(run["params"], two_runs[1][0]["params"])
 
 
 def test_this_process_serves_the_step_from_the_cache_too(two_runs, monkeypatch):
@@ -110,11 +121,13 @@ def test_fit_compiles_only_the_donating_step_and_the_eval_step_when_it_first_eva
 # -- Faults ------------------------------------------------------------------------------------
 
 
-def test_a_corrupt_artifact_is_compiled_afresh_with_one_warning_and_replaced(two_runs, tmp_path, monkeypatch):
+@pytest.mark.parametrize("suffix", [".so", ".lib"], ids=["library", "its-metadata"])
+def test_a_corrupt_artifact_is_compiled_afresh_with_one_warning_and_replaced(two_runs, tmp_path, monkeypatch, suffix):
     directory = tmp_path / "ftrain"
-    shutil.copytree(two_runs[0], directory)  # (with inductor's kernels: the recompile is cheap)
+    shutil.copytree(two_runs[0], directory)  # (with the library by graph in inductor's dir: the rebuild is cheap)
     monkeypatch.setenv("FTRAIN_CACHE_DIR", str(directory))
-    [path] = (directory / "steps").rglob("*.pt2")
+    monkeypatch.setattr(_cache, "_WARNED", set())  # (warned once per key and process: the other case warned)
+    [path] = (directory / "steps").rglob(f"*{suffix}")
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
@@ -309,9 +322,11 @@ def test_the_cache_lives_under_the_users_cache_home_not_a_temp_dir(monkeypatch, 
     assert cache_dir() == tmp_path / "mine"
 
 
-def test_inductors_kernels_persist_beside_the_steps(two_runs):
+def test_libraries_persist_by_graph_beside_the_steps_so_a_new_key_with_the_same_graph_only_traces(two_runs):
     directory, _, _ = two_runs
-    assert any((directory / "inductor").rglob("*.so"))
+    [library] = (directory / "inductor" / "libraries").glob("*.so")
+    [step] = (directory / "steps").rglob("*.so")
+    assert library.read_bytes() == step.read_bytes()
 
 
 x86_linux = pytest.mark.skipif(
@@ -379,3 +394,45 @@ def test_prepare_says_whether_a_call_would_compile(tmp_path):
     step = CachedCompile(affine, backend="aot_eager", directory=tmp_path)
     assert not step.prepare(torch.ones(2, 3), torch.ones(3, 2))
     assert step.count == 0
+
+
+# -- The library tier ---------------------------------------------------------------------------
+
+
+WEIGHT = torch.randn(3)
+
+
+def scaled(x):
+    return x * WEIGHT  # (its values would be compiled into a library: dynamo reads them at run time)
+
+
+def shifted(x):
+    return x + torch.tensor([1.0, 2.0, 3.0])  # (a constant made in the step: it would be compiled in)
+
+
+@pytest.mark.parametrize(("fn", "why"), [(scaled, "could not trace"), (shifted, "captures tensors")])
+def test_a_step_that_captures_a_tensor_is_not_built_into_a_library_and_the_cache_remembers_why(
+    tmp_path, caplog, monkeypatch, fn, why
+):
+    x = torch.randn(2, 3)
+    step = CachedCompile(fn, directory=tmp_path)
+    with caplog.at_level(logging.DEBUG, logger=_cache.__name__):
+        assert torch.equal(step(x), fn(x))
+    assert f"{fn.__name__} is not built into a library" in caplog.text and why in caplog.text
+    monkeypatch.setattr(_cache._aoti, "build", lambda *args, **kwargs: pytest.fail("traced again"))
+    again = CachedCompile(fn, directory=tmp_path)
+    assert again.prepare(x)  # the saved dynamo function, found at once
+    WEIGHT.mul_(2)
+    assert torch.equal(again(x), fn(x)) and again.count == 0
+
+
+def test_a_library_serves_only_inputs_laid_out_as_it_was_built_for(tmp_path):
+    w = torch.randn(3, 2)
+    step = CachedCompile(affine, directory=tmp_path)
+    x = torch.randn(4, 3)
+    assert torch.allclose(step(x, w), affine(x, w))
+    strided = torch.randn(3, 4).t()  # same shape, other strides: the kernels would read it wrongly
+    assert torch.allclose(step(strided, w), affine(strided, w))
+    assert torch.allclose(step(x.double(), w.double()), affine(x.double(), w.double()))
+    assert (step.count, len(step._entries)) == (3, 3)
+    assert all(isinstance(entry, _cache._aoti.Library) for entry in step._entries)

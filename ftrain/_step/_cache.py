@@ -42,13 +42,14 @@ import torch
 
 from .. import tree
 from .._module import ModuleApply
+from . import _aoti
 
 __all__ = ["CachedCompile", "Unfingerprintable", "cache_dir", "fingerprint", "step_key_of"]
 
 log = logging.getLogger(__name__)
 
 # Bumped whenever the key or the file layout changes meaning: old entries then simply miss.
-FORMAT = 1
+FORMAT = 2
 _MAGIC = b"ftrain-step\n"
 _LOCK_TIMEOUT_S = 600.0  # a compile that takes longer than this is not waited for
 
@@ -396,9 +397,11 @@ def _cpu_features() -> tuple:
 
 def _environment() -> tuple:
     """What the process contributes to a graph: versions, the machine, and global settings."""
-    import torch._dynamo.config as dynamo_config
-    import torch._inductor.config as inductor_config
+    return (_ftrain_source_hash(), *_compiler_environment())
 
+
+def _compiler_environment() -> tuple:
+    """What a compiler's output depends on besides the graph it is given."""
     # (Inductor's CPU kernels specialize on the thread count.)
     devices = ["cpu", _cpu_features(), torch.get_num_threads()]
     if torch.cuda.is_available():
@@ -410,19 +413,46 @@ def _environment() -> tuple:
         FORMAT,
         sys.implementation.cache_tag,  # saved bytecode is per Python version
         torch.__version__,
-        _ftrain_source_hash(),
         devices,
         torch.get_default_dtype(),
         torch.get_float32_matmul_precision(),
         torch.are_deterministic_algorithms_enabled(),
         torch.is_grad_enabled(),
-        # (Not their get_hash(): it reprs sets, whose order changes from process to process.)
-        _dynamo_settings(dynamo_config.get_config_copy()),
-        inductor_config.get_config_copy(),
+        _compiler_settings(),
         # Global module hooks run inside every forward.
         torch.nn.modules.module._global_forward_hooks,
         torch.nn.modules.module._global_forward_pre_hooks,
     )
+
+
+_COMPILER_CONFIGS = ("torch._dynamo.config", "torch._inductor.config")
+_COMPILER_ENV = ("TORCHDYNAMO_", "TORCHINDUCTOR_", "TORCH_COMPILE_", "TORCH_INDUCTOR_", "INDUCTOR_")
+
+
+def _compiler_settings() -> tuple:
+    """Dynamo's and inductor's settings that differ from their defaults, and the environment variables that set them.
+
+    Not the whole configs: reading them imports the compiler (~1.3 s), which a step served from
+    the cache never needs, and a process that has not imported it has every setting at its
+    default. (Not their get_hash(): it reprs sets, whose order changes from process to process.)
+    """
+    env = sorted((k, v) for k, v in os.environ.items() if k.startswith(_COMPILER_ENV) and not k.endswith("CACHE_DIR"))
+    changed = {}
+    for name in _COMPILER_CONFIGS:
+        config = sys.modules.get(name)
+        if config is None:
+            continue
+        values = config.get_config_copy()
+        entries = getattr(config, "_config", None)
+        if isinstance(entries, dict):  # (else, another torch: all of it)
+            values = {k: v for k, v in values.items() if k not in entries or v != entries[k].default}
+        if name.endswith("_dynamo.config"):
+            values = _dynamo_settings(values)
+        else:
+            values.pop("deterministic", None)  # (follows torch's flag while ftrain compiles; the key has that)
+        if values:  # (imported and at its defaults is the same as not imported)
+            changed[name] = values
+    return env, changed
 
 
 def _dynamo_settings(config: dict) -> dict:
@@ -466,13 +496,13 @@ class _Store:
         self.steps = root / "steps"
         self.inductor = root / "inductor"
 
-    def path(self, key: str) -> Path:
-        return self.steps / key[:2] / f"{key}.pt2"
+    def path(self, key: str, suffix: str = ".pt2") -> Path:
+        return self.steps / key[:2] / f"{key}{suffix}"
 
-    def read(self, key: str) -> bytes | None:
+    def read(self, key: str, suffix: str = ".pt2") -> bytes | None:
         """The payload stored under ``key``, ``None`` when absent; raises ValueError when torn or corrupt."""
         try:
-            data = self.path(key).read_bytes()
+            data = self.path(key, suffix).read_bytes()
         except FileNotFoundError:
             return None
         head = len(_MAGIC) + 32 + 32
@@ -486,10 +516,10 @@ class _Store:
             raise ValueError("its checksum does not match: truncated or corrupt")
         return payload
 
-    def write(self, key: str, payload: bytes) -> None:
-        path = self.path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(path, _MAGIC + key[:32].encode() + hashlib.blake2b(payload, digest_size=32).digest() + payload)
+    def write(self, key: str, payload: bytes, suffix: str = ".pt2") -> None:
+        path = self.path(key, suffix)
+        digest = hashlib.blake2b(payload, digest_size=32).digest()
+        _aoti.write_atomically(path, _MAGIC + key[:32].encode() + digest + payload)
 
     @contextlib.contextmanager
     def lock(self, key: str) -> Iterator[None]:
@@ -570,8 +600,7 @@ class _Store:
         finally:
             VecISA.check_build = probe
             if learned:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                _atomic_write(path, json.dumps(record, indent=1).encode())
+                _aoti.write_atomically(path, json.dumps(record, indent=1).encode())
 
 
 _SLEEF_EXP = {512: "Sleef_expf16_u10", 256: "Sleef_expf8_u10"}  # what vectorized exp() links to, by width
@@ -607,19 +636,6 @@ def _quick_isa_probe(isa: Any) -> bool | None:
         return None
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # readers see the old file or the new one, never a part
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-
-
 # ----------------------------------------------------------------------------------------------
 # The compiled function: served from the store, or compiled ahead of time and saved.
 
@@ -648,6 +664,9 @@ class _Entry:
         self._names = code.co_varnames[: code.co_argcount]
         self._locals = {name: cell.cell_contents for name, cell in zip(code.co_freevars, fn.__closure__ or ())}
 
+    def call(self, args: tuple) -> Any:
+        return self.run(*args) if self.serves(args) else _aoti.MISS
+
     def serves(self, args: tuple) -> bool:
         # The guards torch saved (tensor metadata, global state such as grad mode), checked
         # without the bound-signature dict AOTCompiledFunction.__call__ builds on every call.
@@ -659,17 +678,28 @@ def _shapes(args: tuple) -> list:
 
 
 _WARNED: set[str] = set()
+_UNBUILDABLE = object()  # (a step the library tier refused: the dynamo tier compiles it)
+_UNBUILDABLE_MARK = b"unbuildable:"
+# No precompiled header: building it costs ~6.5 CPU s on each new machine (it lives in the temp dir).
+_LIBRARY_OPTIONS = {"aot_inductor.precompile_headers": False}
 
 
 class CachedCompile:
     """``fn`` compiled whole, served from the persistent cache when it can be.
 
     Call it like ``fn``. The first call with new inputs computes the key (:func:`step_key_of`)
-    and loads the saved function (no dynamo compile) or compiles it with ``aot_compile`` and
-    saves it; later calls with inputs of the same kind run it directly. Inputs whose shapes
-    differ from the first ones compile once more, with the differing dims dynamic, which serves
-    every later size (as ``torch.compile`` does). ``count`` is the number of dynamo compiles
-    done in this process, ``hits`` the number of functions loaded from disk.
+    and loads what was saved under it, or compiles and saves it; later calls with inputs of the
+    same kind run it directly. ``count`` is the number of compiles done in this process, ``hits``
+    the number of functions loaded from disk. Two tiers:
+
+    * **a library** (backend ``"inductor"``, plain CPU tensors, no ``options``): the step traced
+      by ``make_fx`` and built by AOTInductor into one ``.so`` (see ``_aoti.py``). Loading it
+      needs neither dynamo nor inductor: a warm process runs its first step in milliseconds.
+    * **a saved dynamo function** (``aot_compile``), for everything else: a step that cannot be
+      built into a library (the reason is logged at debug level and remembered in the cache),
+      other devices, DTensors, ``aot_eager``, and inputs whose shapes differ from the first
+      ones, which compile once more with the differing dims dynamic and serve every later size
+      (as ``torch.compile`` does).
 
     When ``fn`` cannot be cached (something it depends on has no fingerprint, the backend's
     output cannot be saved, it needs a graph break), it is compiled as plain ``torch.compile``
@@ -705,22 +735,23 @@ class CachedCompile:
         self.count = 0
         self.hits = 0
         self._directory = directory
-        self._entries: list[_Entry] = []
-        self._last: _Entry | None = None
+        self._entries: list[_Entry | _aoti.Library] = []
+        self._last: _Entry | _aoti.Library | None = None
         self._fallback: Callable | None = None
+        self._no_library: str | None = None  # why fn cannot be built into a library
 
     def __call__(self, *args: Any) -> Any:
         last = self._last
-        if last is not None and last.serves(args):
-            return last.run(*args)
-        with self.scope():
-            if self._fallback is not None:
+        if last is not None:
+            out = last.call(args)
+            if out is not _aoti.MISS:
+                return out
+        entry = None if self._fallback is not None else self._find(args) or self._new_entry(args, compile=True)
+        if entry is None:
+            with self.scope():
                 return self._fallback(*args)
-            entry = self._find(args) or self._new_entry(args, compile=True)
-            if entry is None:
-                return self._fallback(*args)
-            self._last = entry
-            return entry.run(*args)
+        self._last = entry
+        return entry.run(*args)
 
     def prepare(self, *args: Any) -> bool:
         """Load the function for ``args`` from the cache if it is there: True when calling it will not compile."""
@@ -733,9 +764,18 @@ class CachedCompile:
     def _find(self, args: tuple) -> _Entry | None:
         return next((entry for entry in self._entries if entry.serves(args)), None)
 
-    def _new_entry(self, args: tuple, *, compile: bool) -> _Entry | None:
+    def _new_entry(self, args: tuple, *, compile: bool) -> _Entry | _aoti.Library | None:
         dynamic = self._dynamic_dims(args)
-        key, why = None, self._uncacheable()
+        why = self._uncacheable()
+        if why is None and not dynamic and self._library_tier(args):
+            library = self._new_library(args, compile=compile)
+            if library is not _UNBUILDABLE:
+                return library
+        with self.scope():  # (dynamo's settings, which the key then covers)
+            return self._new_dynamo_entry(args, dynamic, why, compile=compile)
+
+    def _new_dynamo_entry(self, args: tuple, dynamic: list, why: str | None, *, compile: bool) -> _Entry | None:
+        key = None
         if why is None:
             try:
                 key = step_key_of(self.fn, args, {"backend": self.backend, "dynamic": dynamic, **self.options})
@@ -747,7 +787,7 @@ class CachedCompile:
             log.debug("ftrain cache: %s is compiled without the cache: %s", _name(self.fn), why)
             self._fallback = self._plain()
             return None
-        store = _Store(Path(self._directory) if self._directory is not None else cache_dir())
+        store = self._store()
         entry = self._load(store, key, args)
         if entry is None and compile:
             with store.lock(key):
@@ -772,6 +812,81 @@ class CachedCompile:
             for d in range(len(a))
             if a[d] != b[d]
         ]
+
+    # -- the library tier ----------------------------------------------------------------------
+
+    def _library_tier(self, args: tuple) -> bool:
+        return (
+            self._no_library is None
+            and self.backend == "inductor"
+            and not self.options
+            and _aoti.unsupported(tree.traced_leaves(args)) is None
+        )
+
+    def _new_library(self, args: tuple, *, compile: bool) -> _aoti.Library | None | object:
+        """The library for ``args``: loaded, built (``compile``), ``None`` (not built yet) or ``_UNBUILDABLE``."""
+        try:
+            key = step_key_of(self.fn, args, {"tier": "library"})
+        except Exception:  # (Unfingerprintable, or attributes that raise: the dynamo tier says why)
+            return _UNBUILDABLE
+        store = self._store()
+        library = self._load_library(store, key, args)
+        if library is None and compile:
+            with store.lock(key):
+                library = self._load_library(store, key, args)  # another process may have built it meanwhile
+                if library is None:
+                    library = self._build_library(store, key, args)
+        if isinstance(library, _aoti.Library):
+            self._entries.append(library)
+        return library
+
+    def _load_library(self, store: _Store, key: str, args: tuple) -> _aoti.Library | None | object:
+        path = store.path(key, ".lib")
+        try:
+            metadata = store.read(key, ".lib")
+            if metadata is None:
+                return None
+            if metadata.startswith(_UNBUILDABLE_MARK):
+                self._no_library = metadata[len(_UNBUILDABLE_MARK) :].decode(errors="replace")
+                return _UNBUILDABLE
+            path = store.path(key, ".so")
+            library = _aoti.load(path, metadata, args)
+        except Exception as e:  # a torn, corrupt or incompatible library is only a miss
+            self._warn_corrupt(store, key, path, e)
+            return None
+        self.hits += 1
+        log.debug("ftrain cache: %s served from %s", _name(self.fn), store.path(key, ".so"))
+        return library
+
+    def _build_library(self, store: _Store, key: str, args: tuple) -> _aoti.Library | object:
+        so = store.path(key, ".so")
+        try:
+            with self.scope(), store.inductor_dir():
+                library, metadata = _aoti.build(
+                    self.fn, args, so, graphs=store.inductor / "libraries", salt=fingerprint(_compiler_environment()),
+                    options=_LIBRARY_OPTIONS,
+                )  # fmt: skip
+        except _aoti.NotCompilable as e:
+            # Remembered, so later processes go to the dynamo tier at once.
+            log.debug("ftrain cache: %s is not built into a library: %s", _name(self.fn), e)
+            self._no_library = str(e)
+            store.write(key, _UNBUILDABLE_MARK + str(e).encode(), ".lib")
+            return _UNBUILDABLE
+        self.count += 1
+        store.write(key, metadata, ".lib")
+        log.debug("ftrain cache: %s built into %s", _name(self.fn), so)
+        return library
+
+    # -- the dynamo tier -------------------------------------------------------------------------
+
+    def _store(self) -> _Store:
+        return _Store(Path(self._directory) if self._directory is not None else cache_dir())
+
+    def _warn_corrupt(self, store: _Store, key: str, path: Path, error: Exception) -> None:
+        if key not in _WARNED:
+            _WARNED.add(key)
+            reason = f"{type(error).__name__}: {error}".splitlines()[0][:300]
+            warnings.warn(MSG_CORRUPT.format(path=path, reason=reason, root=store.root), RuntimeWarning, stacklevel=6)
 
     def _uncacheable(self) -> str | None:
         if not hasattr(torch.compiler, "load_compiled_function"):
@@ -802,12 +917,7 @@ class CachedCompile:
             if not entry.serves(args):
                 raise ValueError("its guards reject these inputs")
         except Exception as e:  # a torn, corrupt or incompatible artifact is only a miss
-            if key not in _WARNED:
-                _WARNED.add(key)
-                reason = f"{type(e).__name__}: {e}".splitlines()[0][:300]
-                warnings.warn(
-                    MSG_CORRUPT.format(path=path, reason=reason, root=store.root), RuntimeWarning, stacklevel=5
-                )
+            self._warn_corrupt(store, key, path, e)
             return None
         self.hits += 1
         log.debug("ftrain cache: %s served from %s", _name(self.fn), path)

@@ -7,7 +7,10 @@ inside that call) and are put back after, so nothing else in the process sees th
 - logging and ``warnings`` calls inside the model are skipped in the graph (transformers'
   ``logger.warning_once`` otherwise stops ``fullgraph`` tracing). They still run once, in the
   step's check on fake tensors before the first compile;
-- ``torch.autograd.grad`` is traced into the graph (the step's gradient is plain autograd).
+- ``torch.autograd.grad`` is traced into the graph (the step's gradient is plain autograd);
+- inductor's ``deterministic`` setting follows torch's deterministic flag, as
+  ``torch.use_deterministic_algorithms`` would set it (a step sets the flag alone: the public
+  setter imports the compiler, ~1.3 s, which a step served from the cache never needs).
 """
 
 from __future__ import annotations
@@ -46,9 +49,13 @@ class Settings:
     functions are added to dynamo's set in place, and only those it lacked are removed). ~13 us:
     entered only around calls that may trace (see :class:`Scoped`)."""
 
-    __slots__ = ("added", "autograd")
+    __slots__ = ("added", "autograd", "deterministic")
 
     def __enter__(self) -> None:
+        import torch._inductor.config as inductor_config
+
+        self.deterministic = inductor_config.deterministic
+        inductor_config.deterministic = torch.are_deterministic_algorithms_enabled()
         config = torch._dynamo.config
         ignored = config.ignore_logging_functions
         self.added = _skipped() - ignored
@@ -62,6 +69,7 @@ class Settings:
         config.ignore_logging_functions -= self.added
         if not self.autograd:
             config.trace_autograd_ops = False
+        torch._inductor.config.deterministic = self.deterministic
 
 
 class Scoped:

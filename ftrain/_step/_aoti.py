@@ -1,0 +1,292 @@
+"""Steps compiled ahead of time into one shared library by AOTInductor, and called without dynamo.
+
+The step's Python runs once on fake tensors under ``make_fx`` (with
+``torch.compiler.is_compiling()`` true, as under ``torch.compile``), which records its ATen graph;
+inductor compiles that graph, kernels and C++ wrapper, into a self-contained ``.so``; torch's C++
+runner calls it with the flat input tensors. A later process loads the library in milliseconds and
+imports neither dynamo nor inductor (about 1.3 s of imports), nor traces anything (1-5 s).
+
+The library knows nothing of Python: what it was traced from is the caller's key, and what it was
+planned for (each input's shape, stride, dtype and device, the inputs' tree structure and non-tensor
+leaves) is checked here on every call. A step that captures a tensor outside its inputs (its values
+would be compiled in), or needs an op the C++ runner cannot call, is refused at build time with the
+reason; the caller compiles it another way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import os
+import pickle
+import tempfile
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import tree
+
+__all__ = ["MISS", "Library", "NotCompilable", "build", "load", "unsupported", "write_atomically"]
+
+MISS = object()
+"""What :meth:`Library.call` returns for inputs it was not built for."""
+
+_PLAIN = (str, bytes, int, float, complex, bool, type(None), type, torch.dtype, torch.device)
+
+
+class NotCompilable(Exception):
+    """This step cannot be built into a library (the message says why)."""
+
+
+def unsupported(leaves: list) -> str | None:
+    """Why inputs with these (flattened) leaves cannot be served by a library, or ``None``."""
+    for x in leaves:
+        if isinstance(x, torch.Tensor):
+            if type(x) is not torch.Tensor:
+                return f"an input is a {type(x).__name__}"
+            if x.device.type != "cpu":
+                return f"an input is on {x.device} (the library runner here is the CPU one)"
+            if x.requires_grad or x.layout != torch.strided:
+                return "an input requires grad or is not a strided tensor"
+    return None
+
+
+def _signature(leaves: list) -> list:
+    return [(x.shape, x.stride(), x.dtype, x.device) if isinstance(x, torch.Tensor) else x for x in leaves]
+
+
+class Library:
+    """A loaded step library: ``call(args)`` runs it, or returns :data:`MISS` for inputs it was not planned for."""
+
+    __slots__ = ("runner", "spec", "signature", "out_spec", "out_slots", "shapes")
+
+    def __init__(self, runner: Any, args: tuple, out_spec: Any, out_slots: list):
+        leaves, self.spec = tree.traced_flatten(args)
+        self.runner, self.signature = runner, _signature(leaves)
+        self.out_spec, self.out_slots = out_spec, out_slots
+        self.shapes = [tuple(x.shape) if isinstance(x, torch.Tensor) else None for x in leaves]
+
+    def serves(self, args: tuple) -> bool:
+        leaves, spec = tree.traced_flatten(args)
+        return spec == self.spec and _signature(leaves) == self.signature
+
+    def call(self, args: tuple) -> Any:
+        leaves, spec = tree.traced_flatten(args)
+        if spec != self.spec or _signature(leaves) != self.signature:
+            return MISS
+        outs = self.runner.run([x for x in leaves if isinstance(x, torch.Tensor)])
+        return tree.traced_unflatten(self.out_spec, [outs[s] if type(s) is int else s[0] for s in self.out_slots])
+
+    def run(self, *args: Any) -> Any:
+        out = self.call(args)
+        if out is MISS:
+            raise ValueError("this compiled step library was built for inputs of other shapes, dtypes or structure")
+        return out
+
+
+def build(
+    fn: Callable, args: tuple, so_path: Path, *, graphs: Path, salt: str = "", options: dict | None = None
+) -> tuple[Library, bytes]:
+    """Trace ``fn(*args)``, compile it to ``so_path`` and load it: ``(library, metadata)``; raises :class:`NotCompilable`.
+
+    ``metadata`` (bytes) is what :func:`load` needs besides the library: keep it with the file.
+    ``graphs`` is a directory of libraries by the traced graph they compile (plus ``salt``: what
+    else the compiler's output depends on, and ``options``): a step whose key changed but whose
+    graph did not (an edited comment, a new cache directory with this one shared) is only traced.
+    """
+    from torch._export.utils import _compiling_state_context
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    leaves, spec = tree.traced_flatten(args)
+    why = unsupported(leaves)
+    if why is not None:
+        raise NotCompilable(why)
+    where = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor)]
+    tensors = [leaves[i] for i in where]
+    traced: dict[str, Any] = {}
+
+    def flat(*inputs: torch.Tensor) -> tuple:
+        full = list(leaves)
+        for i, t in zip(where, inputs):
+            full[i] = t
+        out, traced["spec"] = tree.traced_flatten(fn(*tree.traced_unflatten(spec, full)))
+        tensors_out = [x for x in out if isinstance(x, torch.Tensor)]
+        count = iter(range(len(tensors_out)))
+        traced["slots"] = [next(count) if isinstance(x, torch.Tensor) else (x,) for x in out]
+        return tuple(tensors_out)
+
+    # (Warnings the step raises were shown by its check on fake tensors already.)
+    with _compiling_state_context(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            gm = make_fx(flat, tracing_mode="fake")(*tensors)
+        except Exception as e:
+            raise NotCompilable(f"make_fx could not trace it ({_first_line(e)})") from e
+    captured = [n.target for n in gm.graph.nodes if n.op == "get_attr"]
+    if captured:
+        raise NotCompilable(f"it captures tensors that are not its inputs ({', '.join(captured[:3])}): "
+                            "their values would be compiled into the library")  # fmt: skip
+    metadata = _dump_outputs(traced["spec"], traced["slots"], spec)
+    graph = hashlib.blake2b(repr((salt, options, gm.code, _signature(tensors))).encode(), digest_size=20).hexdigest()
+    data = _compiled_before(graphs / f"{graph}.so")
+    if data is None:
+        data = _compile(gm, tensors, options or {}, scratch=graphs)
+        write_atomically(graphs / f"{graph}.so", data)
+    write_atomically(so_path, data)
+    metadata = hashlib.blake2b(data, digest_size=32).digest() + metadata
+    return load(so_path, metadata, args), metadata
+
+
+def _compiled_before(path: Path) -> bytes | None:
+    """The library compiled from the same graph, if there is a loadable one."""
+    try:
+        data = path.read_bytes()
+        torch._C._aoti.AOTIModelContainerRunnerCpu(str(path), 1)  # (a damaged one: compiled again)
+    except Exception:
+        return None
+    return data
+
+
+def _compile(gm: torch.fx.GraphModule, tensors: list, options: dict, scratch: Path) -> bytes:
+    scratch.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=scratch, prefix=".build-") as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = Path(tmp) / "step.so"
+        # (A fresh metadata dict: AOTInductor fills in the one it is given, by default the config's own.)
+        options = {**options, "aot_inductor.output_path": str(out), "aot_inductor.metadata": {}}
+        try:
+            torch._inductor.aot_compile(gm, tuple(tensors), options=options)
+        except Exception as e:
+            raise NotCompilable(f"AOTInductor failed ({_first_line(e)})") from e
+        if _needs_proxy_executor(Path(tmp)):
+            raise NotCompilable("it calls ops the C++ runner can only reach through Python (no C shim)")
+        return out.read_bytes()
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a part."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with open(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def load(so_path: Path, metadata: bytes, args: tuple) -> Library:
+    """The library at ``so_path``, for inputs like ``args``; raises ``ValueError`` when it or ``metadata`` is corrupt."""
+    digest, rest = metadata[:32], metadata[32:]
+    if hashlib.blake2b(so_path.read_bytes(), digest_size=32).digest() != digest:
+        raise ValueError(f"{so_path} does not match its checksum: truncated or replaced")
+    out_spec, out_slots = _load_outputs(rest, tree.traced_flatten(args)[1])
+    runner = torch._C._aoti.AOTIModelContainerRunnerCpu(str(so_path), 1)
+    return Library(runner, args, out_spec, out_slots)
+
+
+def _first_line(e: Exception) -> str:
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+
+
+def _needs_proxy_executor(build_dir: Path) -> bool:
+    # The wrapper lists the ops it must call through torch's proxy executor in a JSON beside it.
+    import json
+
+    for f in build_dir.rglob("*.json"):
+        try:
+            nodes = json.loads(f.read_text()).get("nodes")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if nodes:
+            return True
+    return False
+
+
+# -- The output structure: pickled, with the objects it shares with the inputs' structure by reference.
+# (A TrainState's static fields, the model and the optimizer, are neither picklable nor stale: the
+# inputs of every later call hold the same ones, in the same places.)
+
+
+def _objects(spec: Any) -> list:
+    """The non-plain objects in ``spec``'s node contexts, in a fixed walk order."""
+    found: list = []
+
+    def walk(x: Any) -> None:
+        if isinstance(x, _PLAIN):
+            return
+        if type(x) in (tuple, list):
+            for item in x:
+                walk(item)
+        elif type(x) is dict:
+            for k, v in x.items():
+                walk(k)
+                walk(v)
+        else:
+            found.append(x)
+
+    def visit(node: Any) -> None:
+        walk(node.context)
+        for child in node.children():
+            visit(child)
+
+    visit(spec)
+    return found
+
+
+class _Pickler(pickle.Pickler):
+    def __init__(self, file: io.BytesIO, known: dict[int, int]):
+        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
+        self.known = known
+
+    def persistent_id(self, obj: Any) -> int | None:
+        return None if isinstance(obj, _PLAIN) else self.known.get(id(obj))
+
+
+class _Unpickler(pickle.Unpickler):
+    def __init__(self, file: io.BytesIO, objects: list):
+        super().__init__(file)
+        self.objects = objects
+
+    def persistent_load(self, pid: int) -> Any:
+        return self.objects[pid]
+
+
+_LEAF = tree.traced_flatten(0)[1]
+_NODE = type(tree.traced_flatten((0,))[1])  # (torch's TreeSpec)
+
+
+def _nested(spec: Any) -> tuple | None:
+    """``spec`` as plain tuples (TreeSpec objects themselves pickle through a deprecated path)."""
+    return None if spec.is_leaf() else (spec.type, spec.context, [_nested(c) for c in spec.children()])
+
+
+def _treespec(nested: tuple | None) -> Any:
+    if nested is None:
+        return _LEAF
+    kind, context, children = nested
+    return _NODE(kind, context, [_treespec(c) for c in children])
+
+
+def _dump_outputs(out_spec: Any, slots: list, in_spec: Any) -> bytes:
+    f = io.BytesIO()
+    try:
+        _Pickler(f, {id(obj): i for i, obj in enumerate(_objects(in_spec))}).dump((_nested(out_spec), slots))
+    except Exception as e:
+        raise NotCompilable(f"its output structure cannot be saved ({type(e).__name__}: {e})") from e
+    return f.getvalue()
+
+
+def _load_outputs(data: bytes, in_spec: Any) -> tuple[Any, list]:
+    try:
+        nested, slots = _Unpickler(io.BytesIO(data), _objects(in_spec)).load()
+        return _treespec(nested), slots
+    except Exception as e:
+        raise ValueError(f"its output structure could not be read ({type(e).__name__}: {e})") from e
