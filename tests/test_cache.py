@@ -426,7 +426,7 @@ def test_a_step_that_captures_a_tensor_is_not_built_into_a_library_and_the_cache
     assert torch.equal(again(x), fn(x)) and again.count == 0
 
 
-def test_a_library_serves_only_inputs_laid_out_as_it_was_built_for(tmp_path):
+def test_a_library_serves_only_inputs_laid_out_as_it_was_built_for_then_a_dynamic_graph_serves_all_sizes(tmp_path):
     w = torch.randn(3, 2)
     step = CachedCompile(affine, directory=tmp_path)
     x = torch.randn(4, 3)
@@ -436,3 +436,7 @@ def test_a_library_serves_only_inputs_laid_out_as_it_was_built_for(tmp_path):
     assert torch.allclose(step(x.double(), w.double()), affine(x.double(), w.double()))
     assert (step.count, len(step._entries)) == (3, 3)
     assert all(isinstance(entry, _cache._aoti.Library) for entry in step._entries)
+    for n in (5, 6, 9):  # a fourth kind of input, a new batch size: one graph dynamic in it serves them all
+        bigger = torch.randn(n, 3)
+        assert torch.allclose(step(bigger, w), affine(bigger, w))
+    assert step.count == 4 and isinstance(step._entries[-1], _cache._Entry)

@@ -679,6 +679,9 @@ def _shapes(args: tuple) -> list:
 
 _WARNED: set[str] = set()
 _UNBUILDABLE = object()  # (a step the library tier refused: the dynamo tier compiles it)
+# Batch shapes served by libraries of their own (an evaluation's validation and test splits and
+# a partial last batch) before one dynamic-shape dynamo graph serves every later size.
+_SHAPES_PER_LIBRARY = 3
 _UNBUILDABLE_MARK = b"unbuildable:"
 # No precompiled header: building it costs ~6.5 CPU s on each new machine (it lives in the temp dir).
 _LIBRARY_OPTIONS = {"aot_inductor.precompile_headers": False}
@@ -695,10 +698,11 @@ class CachedCompile:
     * **a library** (backend ``"inductor"``, plain CPU tensors, no ``options``): the step traced
       by ``make_fx`` and built by AOTInductor into one ``.so`` (see ``_aoti.py``). Loading it
       needs neither dynamo nor inductor: a warm process runs its first step in milliseconds.
+      Each of the first three input shapes gets a library of its own.
     * **a saved dynamo function** (``aot_compile``), for everything else: a step that cannot be
       built into a library (the reason is logged at debug level and remembered in the cache),
-      other devices, DTensors, ``aot_eager``, and inputs whose shapes differ from the first
-      ones, which compile once more with the differing dims dynamic and serve every later size
+      other devices, DTensors, ``aot_eager``, and a further input shape, which compiles once
+      more with the dims that differ from the first shape's dynamic and serves every later size
       (as ``torch.compile`` does).
 
     When ``fn`` cannot be cached (something it depends on has no fingerprint, the backend's
@@ -767,7 +771,8 @@ class CachedCompile:
     def _new_entry(self, args: tuple, *, compile: bool) -> _Entry | _aoti.Library | None:
         dynamic = self._dynamic_dims(args)
         why = self._uncacheable()
-        if why is None and not dynamic and self._library_tier(args):
+        libraries = sum(isinstance(entry, _aoti.Library) for entry in self._entries)
+        if why is None and (not dynamic or libraries < _SHAPES_PER_LIBRARY) and self._library_tier(args):
             library = self._new_library(args, compile=compile)
             if library is not _UNBUILDABLE:
                 return library
