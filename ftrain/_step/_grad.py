@@ -121,14 +121,17 @@ def loss_and_grad(
         ['bias', 'weight']
     """
     policy = Policy.coerce(precision)
-    device_type = tree.device_of(params).type
+    # (Full precision has no autocast to enter: no device to look up for it, every eager step.)
+    autocast = (
+        contextlib.nullcontext() if policy.compute_dtype is None else policy.autocast(tree.device_of(params).type)
+    )
     bound = bind_key(apply, key)
     differentiated = trainable(apply, params)
 
     def differentiable(p: dict) -> tuple[torch.Tensor, tuple]:
         if p is not differentiated:  # (the frozen params back in, in their places)
             p = {name: p.get(name, value) for name, value in params.items()}
-        with policy.autocast(device_type):
+        with autocast:
             out = loss_fn(bound, p, buffers, batch, key)
         loss, metrics, new_buffers = split_loss_output(out, buffers)
         if checking():
@@ -168,7 +171,9 @@ def _autograd(differentiable: Callable, params: dict, apply: Any) -> tuple[dict,
     # (Detached: a buffer or metric computed from the params would keep their graph alive in the state.
     # One outside the graph, as BatchNorm's running statistics are, is kept as it is: no view per step.)
     detach = lambda x: x.detach() if isinstance(x, torch.Tensor) and x.requires_grad else x  # noqa: E731
-    return dict(zip(leaves, grads)), (loss, tree.map(detach, metrics), tree.map(detach, new_buffers))
+    # (An empty dict, as most are: no map to run.)
+    metrics, new_buffers = (x if type(x) is dict and not x else tree.map(detach, x) for x in (metrics, new_buffers))
+    return dict(zip(leaves, grads)), (loss, metrics, new_buffers)
 
 
 def train_core(
@@ -245,7 +250,10 @@ def update_metrics(grads: dict, reported: dict) -> dict:
     """
     if "grad_norm" in reported:
         return reported
-    return {"grad_norm": tree.global_norm(grads).detach().float(), **reported}
+    norm = tree.global_norm(grads)
+    if norm.requires_grad or norm.dtype != torch.float32:  # (eager, it is neither: no alias per step)
+        norm = norm.detach().float()
+    return {"grad_norm": norm, **reported}
 
 
 def eval_core(loss_fn: LossFn, policy: Policy) -> Callable[[TrainState, Any], dict]:
