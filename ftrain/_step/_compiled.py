@@ -71,10 +71,12 @@ class _StepMode:
         torch._C._set_grad_enabled(False)
         self.set_deterministic = self.deterministic and not torch.are_deterministic_algorithms_enabled()
         if self.set_deterministic:
-            torch.use_deterministic_algorithms(True)
-            if self.eager:
+            if self.eager:  # (torch's flag alone: the public call also sets inductor's config, for compiles)
+                torch._C._set_deterministic_algorithms(True)
                 self.fill = torch.utils.deterministic.fill_uninitialized_memory
                 torch.utils.deterministic.fill_uninitialized_memory = False
+            else:
+                torch.use_deterministic_algorithms(True)
         apply = getattr(self.state, "apply_fn", None)
         self.module = (
             apply.module if isinstance(apply, ModuleApply) and apply.module.training != self.train_mode else None
@@ -88,7 +90,9 @@ class _StepMode:
         if self.set_deterministic:
             if self.eager:
                 torch.utils.deterministic.fill_uninitialized_memory = self.fill
-            torch.use_deterministic_algorithms(False)
+                torch._C._set_deterministic_algorithms(False)
+            else:
+                torch.use_deterministic_algorithms(False)
         torch._C._set_grad_enabled(self.grad)
 
 
