@@ -83,6 +83,7 @@ def fill_seen_by(model: zoo_models.ZooModel, seen: list[bool]):
     """``model.loss_fn``, noting whether torch's NaN fill of fresh allocations is on while it runs."""
 
     def loss_fn(apply, params, buffers, batch, key):
+        assert torch.are_deterministic_algorithms_enabled(), "the step runs in deterministic mode"
         seen.append(torch.utils.deterministic.fill_uninitialized_memory)
         return model.loss_fn(apply, params, buffers, batch, key)
 
