@@ -129,7 +129,7 @@ def loss_and_grad(
     differentiated = trainable(apply, params)
 
     def differentiable(p: dict) -> tuple[torch.Tensor, tuple]:
-        if p is not differentiated:  # (the frozen params back in, in their places)
+        if differentiated is not params:  # (some are frozen: put them back in, in their places)
             p = {name: p.get(name, value) for name, value in params.items()}
         with autocast:
             out = loss_fn(bound, p, buffers, batch, key)
