@@ -131,7 +131,7 @@ def fold_in(k: torch.Tensor, data: int | torch.Tensor) -> torch.Tensor:
                 f"random.fold_in expects an integer scalar, got a tensor of shape {tuple(data.shape)} and dtype {data.dtype}"
             )
         if tree.host_readable(k, data):
-            return _fold_in_host(k, int(data.to(torch.int64)))
+            return _fold_in_host(k, int(data) if data.dtype == torch.int64 else int(data.to(torch.int64)))
         d = data.reshape(()).to(torch.int64).to(k.device)
     elif isinstance(data, int) and not isinstance(data, bool):
         if tree.host_readable(k):

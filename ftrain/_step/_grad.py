@@ -137,7 +137,7 @@ def loss_and_grad(
         if checking():
             check_loss(loss, metrics, buffers, new_buffers)
             check_buffers_returned(bound, buffers, new_buffers)
-        loss = loss.float()
+        loss = loss if loss.dtype == torch.float32 else loss.float()  # (no call per eager step when it is already)
         return (loss * loss_scale if loss_scale is not None else loss), (loss, metrics, new_buffers)
 
     if not _under_a_transform(params):
