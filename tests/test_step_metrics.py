@@ -104,6 +104,18 @@ def test_a_constant_lr_is_one_tensor_across_eager_steps_until_something_writes_i
     assert third["lr"] is not first["lr"] and float(third["lr"]) == pytest.approx(0.05)
 
 
+def test_an_lr_reported_under_inference_mode_is_not_the_cached_one():
+    """Inference tensors keep no version counter: one cached there could not be checked later."""
+    grads = {"w": torch.ones(2)}
+    tx = optim.sgd(0.125)
+    with torch.inference_mode():
+        _, inside = optim.record(tx.update, grads, tx.init(grads), gradients=grads)
+    _, outside = optim.record(tx.update, grads, tx.init(grads), gradients=grads)
+    _, again = optim.record(tx.update, grads, tx.init(grads), gradients=grads)
+    assert inside["lr"].is_inference() and not outside["lr"].is_inference()
+    assert again["lr"] is outside["lr"] and float(again["lr"]) == 0.125
+
+
 def test_a_traced_step_builds_its_lr_in_the_graph_not_as_a_cached_tensor():
     """Under a dispatch mode (make_fx, fake tensors) the lr is a factory op of the trace: a cached
     real tensor there would be a tensor constant, which make_fx and export cannot lift."""

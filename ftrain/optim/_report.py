@@ -89,7 +89,8 @@ def constant(value: float, device: torch.device) -> torch.Tensor:
     written into it (its version counter is still 0: an in-place op on a reported metric makes
     the next call build a fresh one), so every call's tensor holds ``value``. Traced, under a
     ``torch.func`` transform or a dispatch mode it is built each call (a factory in the graph,
-    not a tensor constant, which make_fx and export cannot lift).
+    not a tensor constant, which make_fx and export cannot lift), and so it is under
+    ``torch.inference_mode`` (whose tensors keep no version counter).
 
     Example:
         >>> a, b = constant(0.1, torch.device("cpu")), constant(0.1, torch.device("cpu"))
@@ -99,7 +100,7 @@ def constant(value: float, device: torch.device) -> torch.Tensor:
         >>> constant(0.1, torch.device("cpu"))
         tensor(0.1000)
     """
-    if not tree.host_readable():
+    if not tree.host_readable() or torch.is_inference_mode_enabled():
         return torch.full((), value, dtype=torch.float32, device=device)
     key = (value.hex(), device)  # (by its bits: 0.0 and -0.0 are equal keys otherwise)
     cached = _CONSTANTS.get(key)
