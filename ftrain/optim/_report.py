@@ -93,12 +93,12 @@ def constant(value: float, device: torch.device) -> torch.Tensor:
     ``torch.inference_mode`` (whose tensors keep no version counter).
 
     Example:
-        >>> a, b = constant(0.1, torch.device("cpu")), constant(0.1, torch.device("cpu"))
+        >>> a, b = constant(0.375, torch.device("cpu")), constant(0.375, torch.device("cpu"))
         >>> a is b, a
-        (True, tensor(0.1000))
+        (True, tensor(0.3750))
         >>> _ = a.add_(1.0)  # (someone wrote into a reported metric)
-        >>> constant(0.1, torch.device("cpu"))
-        tensor(0.1000)
+        >>> constant(0.375, torch.device("cpu"))
+        tensor(0.3750)
     """
     if not tree.host_readable() or torch.is_inference_mode_enabled():
         return torch.full((), value, dtype=torch.float32, device=device)
