@@ -168,12 +168,19 @@ def _autograd(differentiable: Callable, params: dict, apply: Any) -> tuple[dict,
         leaves = {name: p.detach().requires_grad_() for name, p in params.items()}
         scaled, (loss, metrics, new_buffers) = differentiable(leaves)
         grads = torch.autograd.grad(scaled, list(leaves.values()), allow_unused=True, materialize_grads=True)
-    # (Detached: a buffer or metric computed from the params would keep their graph alive in the state.
-    # One outside the graph, as BatchNorm's running statistics are, is kept as it is: no view per step.)
-    detach = lambda x: x.detach() if isinstance(x, torch.Tensor) and x.requires_grad else x  # noqa: E731
-    # (An empty dict, as most are: no map to run.)
-    metrics, new_buffers = (x if type(x) is dict and not x else tree.map(detach, x) for x in (metrics, new_buffers))
-    return dict(zip(leaves, grads)), (loss, metrics, new_buffers)
+    return dict(zip(leaves, grads)), (loss, _detached(metrics), _detached(new_buffers))
+
+
+def _detached(values: Any) -> Any:
+    """``values`` with the tensors that require grad detached.
+
+    (A buffer or metric computed from the params would keep their graph alive in the state. One
+    outside the graph, as BatchNorm's running statistics are, is kept as it is: no view per step;
+    an empty dict, as most are, is not mapped at all.)
+    """
+    if type(values) is dict and not values:
+        return values
+    return tree.map(lambda x: x.detach() if isinstance(x, torch.Tensor) and x.requires_grad else x, values)
 
 
 def train_core(
