@@ -2,10 +2,12 @@
 
 Per model (tiny random-init ``transformers`` models from tests/zoo_models.py, and the digits
 example's 64-128-256-10 MLP at batch 64), side by side in one process: a plain PyTorch loop with
-``torch.optim.AdamW()`` (its default foreach implementation; the reference, ratio 1.00), ftrain's
-step with ``compile=False``, and ftrain's compiled step, whose first call's time (the compile) is
-reported too. The configs are timed round robin in short chunks (``--chunks`` rounds of
-``--steps`` steps) so a change of load hits each alike; the table gives medians over chunks of
+``torch.optim.AdamW()`` (its default implementation, which on CPU tensors is the per-tensor loop,
+not foreach; the reference, ratio 1.00), ftrain's step with ``compile=False``, pure
+(``train_step(state, batch)``) and donated (``train_step.donate``, what ``fit`` runs: the update
+writes into the input's params and moments), and ftrain's compiled step, whose first call's time
+(the compile) is reported too. The configs are timed round robin in short chunks (``--chunks``
+rounds of ``--steps`` steps) so a change of load hits each alike; the table gives medians over chunks of
 the steps/s and of each round's ratio to plain PyTorch. ``--clock cpu`` times by this process's CPU
 time instead of the wall clock: on a loaded machine, with ``--threads 1``, the steadier measure.
 Dropout is off (``--dropout`` sets it): torch's native dropout and ftrain's keyed one are different
@@ -59,12 +61,13 @@ def plain_pytorch(model: zoo_models.ZooModel, dropout: float) -> Step:
     return step
 
 
-def ftrain_step(model: zoo_models.ZooModel, dropout: float, compile: bool) -> Step:
+def ftrain_step(model: zoo_models.ZooModel, dropout: float, compile: bool, donate: bool = False) -> Step:
     holder = [ftrain.TrainState.create(model.build(0, dropout=dropout), optim.adamw(LR))]
     train_step = ftrain.make_train_step(model.loss_fn, compile=compile)
+    run = train_step.donate if donate else train_step
 
     def step(batch: dict) -> torch.Tensor:
-        holder[0], metrics = train_step(holder[0], batch)
+        holder[0], metrics = run(holder[0], batch)
         return metrics["loss"]
 
     return step
@@ -75,6 +78,7 @@ def bench(model: zoo_models.ZooModel, args: argparse.Namespace) -> dict[str, obj
     configs: dict[str, Step] = {
         "pytorch": plain_pytorch(model, args.dropout),
         "eager": ftrain_step(model, args.dropout, compile=False),
+        "donated": ftrain_step(model, args.dropout, compile=False, donate=True),
     }
     row: dict[str, object] = {"model": model.name}
     if args.compile:
@@ -175,16 +179,20 @@ def main() -> None:
     if args.memory:
         memory_table(args)
         return
-    header = "| model | PyTorch AdamW steps/s | ftrain eager | ratio | ftrain compiled | ratio | compile s |"
+    header = (
+        "| model | PyTorch AdamW steps/s | ftrain eager | ratio | eager donated | ratio "
+        "| ftrain compiled | ratio | compile s |"
+    )
     print(header + "\n|" + "---|" * (header.count("|") - 1), flush=True)
     for name in args.models.split(","):
         row = bench(zoo_models.BY_NAME[name], args)
-        base, eager = row["pytorch_steps_s"], row["eager_steps_s"]
+        base, eager, donated = row["pytorch_steps_s"], row["eager_steps_s"], row["donated_steps_s"]
         if "compiled_steps_s" in row:
             compiled = f"{row['compiled_steps_s']:.1f} | {row['compiled_ratio']:.2f}x | {row['compile_s']:.0f}"
         else:
             compiled = f"{row.get('compiled_error', 'not run')} | | "
-        print(f"| {name} | {base:.1f} | {eager:.1f} | {row['eager_ratio']:.2f}x | {compiled} |", flush=True)
+        eager = f"{eager:.1f} | {row['eager_ratio']:.2f}x | {donated:.1f} | {row['donated_ratio']:.2f}x"
+        print(f"| {name} | {base:.1f} | {eager} | {compiled} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -8,9 +8,7 @@ export or plain-PyTorch use.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -133,20 +131,13 @@ class ModuleApply:
             if not self._holding:
                 self._unbind()
 
-    @contextlib.contextmanager
-    def hold(self) -> Iterator[None]:
+    def hold(self) -> _Holding:
         """Keep the tensors of the calls made within bound to the module until the context exits.
 
         An eager backward may run the module again (activation checkpointing recomputes its
         segments then), after the call that bound the tensors has returned.
         """
-        self._holding += 1
-        try:
-            yield
-        finally:
-            self._holding -= 1
-            if not self._holding:
-                self._unbind()
+        return _Holding(self)
 
     def _bind(self, params: dict, buffers: dict) -> None:
         # Eager calls set the module's tensor slots directly: functional_call walks the module
@@ -168,6 +159,23 @@ class ModuleApply:
 
     def __repr__(self) -> str:
         return f"ModuleApply({type(self.module).__name__})"
+
+
+class _Holding:
+    """:meth:`ModuleApply.hold`'s context (a class: a generator's context costs more, every eager step)."""
+
+    __slots__ = ("apply",)
+
+    def __init__(self, apply: ModuleApply):
+        self.apply = apply
+
+    def __enter__(self) -> None:
+        self.apply._holding += 1
+
+    def __exit__(self, *exc: object) -> None:
+        self.apply._holding -= 1
+        if not self.apply._holding:
+            self.apply._unbind()
 
 
 class BoundApply:

@@ -27,6 +27,7 @@ Example:
 from __future__ import annotations
 
 import builtins
+import itertools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -174,6 +175,8 @@ def assert_same_structure(tree: PyTree, *others: PyTree, names: Sequence[str] | 
 
     ``names`` labels the trees in the message (default ``"tree 0"``, ``"tree 1"``, ...).
     """
+    if _flat_tensor_dicts(tree, *others):
+        return
     names = list(names) if names is not None else [f"tree {i}" for i in range(len(others) + 1)]
     spec = structure(tree)
     for i, other in enumerate(others, start=1):
@@ -194,6 +197,18 @@ def assert_same_structure(tree: PyTree, *others: PyTree, names: Sequence[str] | 
                 f"same leaf paths but different node types:\n  {names[0]}: {spec}\n  {names[i]}: {other_spec}"
             )
         raise ValueError(f"{names[0]} and {names[i]} have different tree structures; " + "; ".join(detail))
+
+
+def _flat_tensor_dicts(*trees: PyTree) -> bool:
+    """Are ``trees`` plain dicts with the same keys, whose values are all plain tensors (leaves)?
+
+    Then their structures are equal, which this tells without flattening them (an eager step
+    compares its params and gradients so every step: two flattens cost more than this).
+    """
+    first = trees[0]
+    if not all(type(t) is dict and t.keys() == first.keys() for t in trees):
+        return False
+    return set(builtins.map(type, itertools.chain.from_iterable(t.values() for t in trees))) == {torch.Tensor}
 
 
 def _short(paths: list[str], limit: int = 10) -> str:

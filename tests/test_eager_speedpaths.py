@@ -83,6 +83,7 @@ def fill_seen_by(model: zoo_models.ZooModel, seen: list[bool]):
     """``model.loss_fn``, noting whether torch's NaN fill of fresh allocations is on while it runs."""
 
     def loss_fn(apply, params, buffers, batch, key):
+        assert torch.are_deterministic_algorithms_enabled(), "the step runs in deterministic mode"
         seen.append(torch.utils.deterministic.fill_uninitialized_memory)
         return model.loss_fn(apply, params, buffers, batch, key)
 
@@ -117,3 +118,21 @@ def test_eager_steps_skip_the_nan_fill_and_equal_torchs_full_deterministic_mode_
     assert_bitwise(state.opt_state, filled.opt_state, "opt_state")
     assert_bitwise(state.buffers, filled.buffers, "buffers")
     assert_bitwise(metrics, filled_metrics, "metrics")
+
+
+def test_the_eager_steps_quick_checks_still_refuse_and_fall_back_as_the_full_ones_do():
+    """apply_gradients compares flat dicts of tensors without flattening them and the fused update
+    checks its leaves' types and dtypes in bulk: what the full checks refused or sent to the chain
+    still is."""
+    state = ftrain.TrainState.create(torch.nn.Linear(3, 2), optim.adamw(1e-2))
+    grads = {name: torch.ones_like(p) for name, p in state.params.items()}
+    with pytest.raises(ValueError, match="missing in grads: \\['bias'\\]"):
+        state.apply_gradients({"weight": grads["weight"]})
+    with pytest.raises(ValueError, match="different tree structures"):  # (same keys, a subtree for a leaf)
+        state.apply_gradients({**grads, "bias": {"b": grads["bias"]}})
+    # A leaf that is not a plain tensor (a Parameter here): not the fused kernels' case, the chain's.
+    mixed = {**grads, "bias": torch.nn.Parameter(grads["bias"], requires_grad=False)}
+    updates, _ = state.tx.update(mixed, state.opt_state, state.params)
+    expected = optim.apply_updates(state.params, updates)
+    assert state.tx.fused_apply(mixed, state.opt_state, state.params) is None
+    assert_bitwise(state.apply_gradients(mixed).params, expected, "params")

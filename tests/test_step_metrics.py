@@ -85,6 +85,55 @@ def test_one_lr_per_partition_group_and_injected_hyperparameters_follow_set_hype
     assert float(metrics["lr/b"]) == pytest.approx(0.003)
 
 
+@pytest.mark.parametrize(
+    "tx", [optim.adamw(0.05), optim.chain(optim.clip_by_global_norm(1e6), optim.sgd(0.05))], ids=["fused", "chain"]
+)
+@pytest.mark.parametrize("donate", [False, True])
+def test_a_constant_lr_is_one_tensor_across_eager_steps_until_something_writes_into_it(tx, donate):
+    """Eager, the lr metric of a constant learning rate is built once, not every step; a metric someone
+    wrote into in place is never handed out again, so every step's lr still reads the rate."""
+    net, batch = linear_problem()
+    state = ftrain.TrainState.create(net, tx)
+    step = ftrain.make_train_step(linear_loss_fn, compile=False)
+    run = step.donate if donate else step
+    state, first = run(state, batch)
+    state, second = run(state, batch)
+    assert second["lr"] is first["lr"] and float(second["lr"]) == pytest.approx(0.05)
+    first["lr"].add_(1.0)  # (a caller's in-place op on a metric)
+    _, third = run(state, batch)
+    assert third["lr"] is not first["lr"] and float(third["lr"]) == pytest.approx(0.05)
+
+
+def test_an_lr_reported_under_inference_mode_is_not_the_cached_one():
+    """Inference tensors keep no version counter: one cached there could not be checked later."""
+    grads = {"w": torch.ones(2)}
+    tx = optim.sgd(0.125)
+    with torch.inference_mode():
+        _, inside = optim.record(tx.update, grads, tx.init(grads), gradients=grads)
+    _, outside = optim.record(tx.update, grads, tx.init(grads), gradients=grads)
+    _, again = optim.record(tx.update, grads, tx.init(grads), gradients=grads)
+    assert inside["lr"].is_inference() and not outside["lr"].is_inference()
+    assert again["lr"] is outside["lr"] and float(again["lr"]) == 0.125
+
+
+def test_a_traced_step_builds_its_lr_in_the_graph_not_as_a_cached_tensor():
+    """Under a dispatch mode (make_fx, fake tensors) the lr is a factory op of the trace: a cached
+    real tensor there would be a tensor constant, which make_fx and export cannot lift."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    net, batch = linear_problem()
+    state = ftrain.TrainState.create(net, optim.adamw(1e-3))
+    step = ftrain.make_train_step(linear_loss_fn, compile=False)
+    step(state, batch)  # (an eager step first: the eager lr tensor is cached now)
+    graph = make_fx(step.core)(state, batch)
+    assert not [name for name in vars(graph) if name.startswith("_tensor_constant")]
+    assert any(node.target is torch.ops.aten.full.default for node in graph.graph.nodes)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        _, metrics = step.core(state, batch)
+    assert isinstance(metrics["lr"], FakeTensor)
+
+
 def test_step_metrics_false_leaves_the_loss_fns_metrics_and_a_loss_fn_metric_wins():
     net, batch = linear_problem()
     state = ftrain.TrainState.create(net, optim.sgd(0.1))

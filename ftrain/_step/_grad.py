@@ -121,20 +121,23 @@ def loss_and_grad(
         ['bias', 'weight']
     """
     policy = Policy.coerce(precision)
-    device_type = tree.device_of(params).type
+    # (Full precision has no autocast to enter: no device to look up for it, every eager step.)
+    autocast = (
+        contextlib.nullcontext() if policy.compute_dtype is None else policy.autocast(tree.device_of(params).type)
+    )
     bound = bind_key(apply, key)
     differentiated = trainable(apply, params)
 
     def differentiable(p: dict) -> tuple[torch.Tensor, tuple]:
-        if p is not differentiated:  # (the frozen params back in, in their places)
+        if differentiated is not params:  # (some are frozen: put them back in, in their places)
             p = {name: p.get(name, value) for name, value in params.items()}
-        with policy.autocast(device_type):
+        with autocast:
             out = loss_fn(bound, p, buffers, batch, key)
         loss, metrics, new_buffers = split_loss_output(out, buffers)
         if checking():
             check_loss(loss, metrics, buffers, new_buffers)
             check_buffers_returned(bound, buffers, new_buffers)
-        loss = loss.float()
+        loss = loss if loss.dtype == torch.float32 else loss.float()  # (no call per eager step when it is already)
         return (loss * loss_scale if loss_scale is not None else loss), (loss, metrics, new_buffers)
 
     if not _under_a_transform(params):
@@ -165,10 +168,19 @@ def _autograd(differentiable: Callable, params: dict, apply: Any) -> tuple[dict,
         leaves = {name: p.detach().requires_grad_() for name, p in params.items()}
         scaled, (loss, metrics, new_buffers) = differentiable(leaves)
         grads = torch.autograd.grad(scaled, list(leaves.values()), allow_unused=True, materialize_grads=True)
-    # (Detached: a buffer or metric computed from the params would keep their graph alive in the state.
-    # One outside the graph, as BatchNorm's running statistics are, is kept as it is: no view per step.)
-    detach = lambda x: x.detach() if isinstance(x, torch.Tensor) and x.requires_grad else x  # noqa: E731
-    return dict(zip(leaves, grads)), (loss, tree.map(detach, metrics), tree.map(detach, new_buffers))
+    return dict(zip(leaves, grads)), (loss, _detached(metrics), _detached(new_buffers))
+
+
+def _detached(values: Any) -> Any:
+    """``values`` with the tensors that require grad detached.
+
+    (A buffer or metric computed from the params would keep their graph alive in the state. One
+    outside the graph, as BatchNorm's running statistics are, is kept as it is: no view per step;
+    an empty dict, as most are, is not mapped at all.)
+    """
+    if type(values) is dict and not values:
+        return values
+    return tree.map(lambda x: x.detach() if isinstance(x, torch.Tensor) and x.requires_grad else x, values)
 
 
 def train_core(
@@ -245,7 +257,10 @@ def update_metrics(grads: dict, reported: dict) -> dict:
     """
     if "grad_norm" in reported:
         return reported
-    return {"grad_norm": tree.global_norm(grads).detach().float(), **reported}
+    norm = tree.global_norm(grads)
+    if norm.requires_grad or norm.dtype != torch.float32:  # (eager, it is neither: no alias per step)
+        norm = norm.detach().float()
+    return {"grad_norm": norm, **reported}
 
 
 def eval_core(loss_fn: LossFn, policy: Policy) -> Callable[[TrainState, Any], dict]:

@@ -69,12 +69,46 @@ def report_gradient_norm(updates: PyTree, norm: torch.Tensor) -> None:
 
 def report_learning_rate(learning_rate: Any, like: PyTree) -> None:
     """Report a learning rate (a float or a 0-d tensor) as ``"lr"``, on the device of ``like``."""
-    if _RECORDS:
-        device = tree.device_of(like)
-        if isinstance(learning_rate, torch.Tensor):
-            report("lr", learning_rate.to(dtype=torch.float32, device=device))
-        else:  # (a factory, not a constant tensor in the traced graph)
-            report("lr", torch.full((), learning_rate, dtype=torch.float32, device=device))
+    if not _RECORDS:
+        return
+    device = like.device if isinstance(like, torch.Tensor) else tree.device_of(like)
+    if isinstance(learning_rate, torch.Tensor):
+        report("lr", learning_rate.to(dtype=torch.float32, device=device))
+    else:
+        _RECORDS[-1].setdefault("lr", constant(float(learning_rate), device))
+
+
+_CONSTANTS: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+
+def constant(value: float, device: torch.device) -> torch.Tensor:
+    """``value`` as a 0-d float32 tensor on ``device``: in eager code, the same tensor every call.
+
+    A constant learning rate is reported every step; building its tensor anew each time is a
+    few microseconds of an eager step. The cached tensor is handed out only while nothing has
+    written into it (its version counter is still 0: an in-place op on a reported metric makes
+    the next call build a fresh one), so every call's tensor holds ``value``. Traced, under a
+    ``torch.func`` transform or a dispatch mode it is built each call (a factory in the graph,
+    not a tensor constant, which make_fx and export cannot lift), and so it is under
+    ``torch.inference_mode`` (whose tensors keep no version counter).
+
+    Example:
+        >>> a, b = constant(0.375, torch.device("cpu")), constant(0.375, torch.device("cpu"))
+        >>> a is b, a
+        (True, tensor(0.3750))
+        >>> _ = a.add_(1.0)  # (someone wrote into a reported metric)
+        >>> constant(0.375, torch.device("cpu"))
+        tensor(0.3750)
+    """
+    if not tree.host_readable() or torch.is_inference_mode_enabled():
+        return torch.full((), value, dtype=torch.float32, device=device)
+    key = (value.hex(), device)  # (by its bits: 0.0 and -0.0 are equal keys otherwise)
+    cached = _CONSTANTS.get(key)
+    if cached is None or cached._version:
+        if len(_CONSTANTS) >= 64:  # (bounded: a learning rate set anew by hand each step)
+            _CONSTANTS.clear()
+        cached = _CONSTANTS[key] = torch.full((), value, dtype=torch.float32, device=device)
+    return cached
 
 
 def report_group(label: str, reported: dict) -> None:
