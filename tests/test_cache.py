@@ -426,6 +426,17 @@ def test_a_step_that_captures_a_tensor_is_not_built_into_a_library_and_the_cache
     assert torch.equal(again(x), fn(x)) and again.count == 0
 
 
+def halved(x):
+    return x * torch.tensor(0.5)  # (a number from the code: a constant in the library is as good)
+
+
+def test_a_0d_tensor_the_step_makes_from_a_number_is_built_into_the_library(tmp_path):
+    step = CachedCompile(halved, directory=tmp_path)
+    x = torch.randn(4)
+    assert torch.equal(step(x), halved(x))
+    assert step.count == 1 and isinstance(step._entries[0], _cache._aoti.Library)
+
+
 def test_a_library_serves_only_inputs_laid_out_as_it_was_built_for_then_a_dynamic_graph_serves_all_sizes(tmp_path):
     w = torch.randn(3, 2)
     step = CachedCompile(affine, directory=tmp_path)

@@ -126,7 +126,7 @@ def build(
             gm = make_fx(flat, tracing_mode="fake")(*tensors)
         except Exception as e:
             raise NotCompilable(f"make_fx could not trace it ({_first_line(e)})") from e
-    captured = [n.target for n in gm.graph.nodes if n.op == "get_attr"]
+    captured = _inline_scalars(gm)
     if captured:
         raise NotCompilable(f"it captures tensors that are not its inputs ({', '.join(captured[:3])}): "
                             "their values would be compiled into the library")  # fmt: skip
@@ -139,6 +139,37 @@ def build(
     write_atomically(so_path, data)
     metadata = hashlib.blake2b(data, digest_size=32).digest() + metadata
     return load(so_path, metadata, args), metadata
+
+
+def _inline_scalars(gm: torch.fx.GraphModule) -> list[str]:
+    """Turn the 0-d tensors the step made from Python numbers (``torch.tensor(0.5)``, traced as a
+    copy of a constant) into ``full`` in the graph; the names of the tensor constants left.
+
+    Their values come from the step's code and attributes, which the key covers (transformers
+    makes several: attention scales, mask fill values). AOTInductor cannot take them as constants.
+    """
+    lift = torch.ops.aten.lift_fresh_copy.default
+    left = []
+    for node in list(gm.graph.nodes):
+        if node.op != "get_attr":
+            continue
+        value, users = getattr(gm, node.target), list(node.users)
+        made_here = users and all(use.target is lift for use in users)
+        if not (made_here and isinstance(value, torch.Tensor) and value.dim() == 0):
+            left.append(node.target)
+            continue
+        for use in users:
+            with gm.graph.inserting_before(use):
+                full = gm.graph.call_function(
+                    torch.ops.aten.full.default, ([], value.item()), {"dtype": value.dtype, "device": value.device}
+                )
+            full.meta = dict(use.meta)
+            use.replace_all_uses_with(full)
+            gm.graph.erase_node(use)
+        gm.graph.erase_node(node)
+        delattr(gm, node.target)
+    gm.recompile()
+    return left
 
 
 def _compiled_before(path: Path) -> bytes | None:
