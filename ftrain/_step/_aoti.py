@@ -126,7 +126,7 @@ def build(
             gm = make_fx(flat, tracing_mode="fake")(*tensors)
         except Exception as e:
             raise NotCompilable(f"make_fx could not trace it ({_first_line(e)})") from e
-    captured = _inline_scalars(gm)
+    captured = _inline_constants(gm)
     if captured:
         raise NotCompilable(f"it captures tensors that are not its inputs ({', '.join(captured[:3])}): "
                             "their values would be compiled into the library")  # fmt: skip
@@ -141,12 +141,13 @@ def build(
     return load(so_path, metadata, args), metadata
 
 
-def _inline_scalars(gm: torch.fx.GraphModule) -> list[str]:
-    """Turn the 0-d tensors the step made from Python numbers (``torch.tensor(0.5)``, traced as a
-    copy of a constant) into ``full`` in the graph; the names of the tensor constants left.
+def _inline_constants(gm: torch.fx.GraphModule) -> list[str]:
+    """Turn the tensors the step made from Python numbers and filled with one value
+    (``torch.tensor(0.5)``, ``torch.tensor([])``, traced as a copy of a constant) into ``full`` in
+    the graph; the names of the tensor constants left.
 
     Their values come from the step's code and attributes, which the key covers (transformers
-    makes several: attention scales, mask fill values). AOTInductor cannot take them as constants.
+    makes several: attention scales, empty caches). AOTInductor cannot take them as constants.
     """
     lift = torch.ops.aten.lift_fresh_copy.default
     left = []
@@ -154,14 +155,16 @@ def _inline_scalars(gm: torch.fx.GraphModule) -> list[str]:
         if node.op != "get_attr":
             continue
         value, users = getattr(gm, node.target), list(node.users)
-        made_here = users and all(use.target is lift for use in users)
-        if not (made_here and isinstance(value, torch.Tensor) and value.dim() == 0):
+        fill = _fill_of(value) if users and all(use.target is lift for use in users) else None
+        if fill is None:
             left.append(node.target)
             continue
         for use in users:
             with gm.graph.inserting_before(use):
                 full = gm.graph.call_function(
-                    torch.ops.aten.full.default, ([], value.item()), {"dtype": value.dtype, "device": value.device}
+                    torch.ops.aten.full.default,
+                    (list(value.shape), fill),
+                    {"dtype": value.dtype, "device": value.device},
                 )
             full.meta = dict(use.meta)
             use.replace_all_uses_with(full)
@@ -170,6 +173,16 @@ def _inline_scalars(gm: torch.fx.GraphModule) -> list[str]:
         delattr(gm, node.target)
     gm.recompile()
     return left
+
+
+def _fill_of(value: Any) -> int | float | bool | None:
+    """The one value every element of ``value`` holds (0 for an empty tensor), else ``None``."""
+    if not isinstance(value, torch.Tensor) or value.layout != torch.strided:
+        return None
+    if value.numel() == 0:
+        return 0
+    first = value.reshape(-1)[0]
+    return first.item() if value.numel() == 1 or torch.equal(value, first.expand(value.shape)) else None
 
 
 def _compiled_before(path: Path) -> bytes | None:
