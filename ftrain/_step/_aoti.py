@@ -44,6 +44,8 @@ class NotCompilable(Exception):
 
 def unsupported(leaves: list) -> str | None:
     """Why inputs with these (flattened) leaves cannot be served by a library, or ``None``."""
+    if not hasattr(torch._C, "_aoti"):
+        return f"torch {torch.__version__} has no AOTInductor runner"
     for x in leaves:
         if isinstance(x, torch.Tensor):
             if type(x) is not torch.Tensor:
