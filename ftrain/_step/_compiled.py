@@ -137,7 +137,7 @@ class _Step:
 
     @property
     def num_compiles(self) -> int:
-        """How many graphs dynamo compiled for this step in this process (1 after the first call, 0 if it came from the cache)."""
+        """How many graphs were compiled for this step in this process (1 after the first call, 0 if it came from the cache)."""
         return sum(c.count for c in self._counters)
 
     def _compile(self, fn: Callable) -> Callable:
