@@ -67,7 +67,8 @@ def heat_map(path: Path, lrs: list[float], wds: list[float], acc: list[float]) -
     ax.set_ylabel("peak learning rate")
     ax.set_title("digits: validation accuracy")
     for (i, j), value in zip(((i, j) for i in range(len(lrs)) for j in range(len(wds))), grid.flat):
-        ax.text(j, i, f"{value:.1%}", ha="center", va="center", color="w" if value < (grid.min() + grid.max()) / 2 else "k")
+        dark = value < (grid.min() + grid.max()) / 2
+        ax.text(j, i, f"{value:.1%}", ha="center", va="center", color="w" if dark else "k")
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
     fig.savefig(path)

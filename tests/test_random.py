@@ -138,7 +138,11 @@ def test_fold_in_on_the_host_equals_the_tensor_ops():
         k = torch.tensor([k0, k1])
         host = random.fold_in(k, d), random.fold_in(k, torch.tensor(d, dtype=torch.int64)), random.fold_in(k, d % 100)
         with _Passthrough():
-            ops = random.fold_in(k, d), random.fold_in(k, torch.tensor(d, dtype=torch.int64)), random.fold_in(k, d % 100)
+            ops = (
+                random.fold_in(k, d),
+                random.fold_in(k, torch.tensor(d, dtype=torch.int64)),
+                random.fold_in(k, d % 100),
+            )
         assert all(torch.equal(a, b) for a, b in zip(host, ops)), (k0, k1, d)
         assert host[0].dtype == torch.int64 and host[0].shape == (2,)
 
