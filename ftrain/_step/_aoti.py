@@ -64,13 +64,11 @@ def _signature(leaves: list) -> list:
 class Library:
     """A loaded step library: ``call(args)`` runs it, or returns :data:`MISS` for inputs it was not planned for."""
 
-    __slots__ = ("runner", "spec", "signature", "out_spec", "out_slots", "shapes")
+    __slots__ = ("runner", "spec", "signature", "out_spec", "out_slots")
 
-    def __init__(self, runner: Any, args: tuple, out_spec: Any, out_slots: list):
-        leaves, self.spec = tree.traced_flatten(args)
-        self.runner, self.signature = runner, _signature(leaves)
+    def __init__(self, runner: Any, leaves: list, spec: Any, out_spec: Any, out_slots: list):
+        self.runner, self.spec, self.signature = runner, spec, _signature(leaves)
         self.out_spec, self.out_slots = out_spec, out_slots
-        self.shapes = [tuple(x.shape) if isinstance(x, torch.Tensor) else None for x in leaves]
 
     def serves(self, args: tuple) -> bool:
         leaves, spec = tree.traced_flatten(args)
@@ -233,9 +231,10 @@ def load(so_path: Path, metadata: bytes, args: tuple) -> Library:
     digest, rest = metadata[:32], metadata[32:]
     if hashlib.blake2b(so_path.read_bytes(), digest_size=32).digest() != digest:
         raise ValueError(f"{so_path} does not match its checksum: truncated or replaced")
-    out_spec, out_slots = _load_outputs(rest, tree.traced_flatten(args)[1])
+    leaves, spec = tree.traced_flatten(args)
+    out_spec, out_slots = _load_outputs(rest, spec)
     runner = torch._C._aoti.AOTIModelContainerRunnerCpu(str(so_path), 1)
-    return Library(runner, args, out_spec, out_slots)
+    return Library(runner, leaves, spec, out_spec, out_slots)
 
 
 def _first_line(e: Exception) -> str:

@@ -653,12 +653,11 @@ def _closure_data(fn: Callable) -> dict[str, Any]:
 class _Entry:
     """One loaded or freshly compiled function and the cheap check that it serves given inputs."""
 
-    __slots__ = ("compiled", "run", "shapes", "_guards", "_locals", "_names")
+    __slots__ = ("compiled", "run", "_guards", "_locals", "_names")
 
-    def __init__(self, compiled: Any, fn: Callable, args: tuple):
+    def __init__(self, compiled: Any, fn: Callable):
         self.compiled = compiled
         self.run = compiled.fn  # the traced code calling the compiled graph, without a second guard check
-        self.shapes = _shapes(args)
         self._guards = compiled._artifacts.guard_manager
         code = fn.__code__
         self._names = code.co_varnames[: code.co_argcount]
@@ -742,6 +741,7 @@ class CachedCompile:
         self.hits = 0
         self._directory = directory
         self._entries: list[_Entry | _aoti.Library] = []
+        self._first_shapes: list | None = None  # the first entry's inputs' shapes (see _dynamic_dims)
         self._last: _Entry | _aoti.Library | None = None
         self._fallback: Callable | None = None
         self._no_library: str | None = None  # why fn cannot be built into a library
@@ -802,14 +802,15 @@ class CachedCompile:
                 if entry is None:
                     entry = self._compile_and_save(store, key, args, dynamic)
         if entry is not None:
-            self._entries.append(entry)
+            self._add(entry, args)
         return entry
 
     def _dynamic_dims(self, args: tuple) -> list[tuple[int, int]]:
         """``(leaf, dim)`` pairs whose size differs from the first entry's inputs: compiled dynamic."""
-        if not self._entries:
+        first = self._first_shapes
+        if first is None:
             return []
-        first, now = self._entries[0].shapes, _shapes(args)
+        now = _shapes(args)
         if len(first) != len(now):
             return []
         return [
@@ -819,6 +820,20 @@ class CachedCompile:
             for d in range(len(a))
             if a[d] != b[d]
         ]
+
+    def _add(self, entry: _Entry | _aoti.Library, args: tuple) -> None:
+        if not self._entries:
+            self._first_shapes = _shapes(args)
+        self._entries.append(entry)
+
+    def _store(self) -> _Store:
+        return _Store(Path(self._directory) if self._directory is not None else cache_dir())
+
+    def _warn_corrupt(self, store: _Store, key: str, path: Path, error: Exception) -> None:
+        if key not in _WARNED:
+            _WARNED.add(key)
+            reason = f"{type(error).__name__}: {error}".splitlines()[0][:300]
+            warnings.warn(MSG_CORRUPT.format(path=path, reason=reason, root=store.root), RuntimeWarning, stacklevel=6)
 
     # -- the library tier ----------------------------------------------------------------------
 
@@ -844,7 +859,7 @@ class CachedCompile:
                 if library is None:
                     library = self._build_library(store, key, args)
         if isinstance(library, _aoti.Library):
-            self._entries.append(library)
+            self._add(library, args)
         return library
 
     def _load_library(self, store: _Store, key: str, args: tuple) -> _aoti.Library | None | object:
@@ -886,15 +901,6 @@ class CachedCompile:
 
     # -- the dynamo tier -------------------------------------------------------------------------
 
-    def _store(self) -> _Store:
-        return _Store(Path(self._directory) if self._directory is not None else cache_dir())
-
-    def _warn_corrupt(self, store: _Store, key: str, path: Path, error: Exception) -> None:
-        if key not in _WARNED:
-            _WARNED.add(key)
-            reason = f"{type(error).__name__}: {error}".splitlines()[0][:300]
-            warnings.warn(MSG_CORRUPT.format(path=path, reason=reason, root=store.root), RuntimeWarning, stacklevel=6)
-
     def _uncacheable(self) -> str | None:
         if not hasattr(torch.compiler, "load_compiled_function"):
             return f"torch {torch.__version__} cannot save compiled functions (torch.compiler.load_compiled_function)"
@@ -920,7 +926,7 @@ class CachedCompile:
                 compiled = torch.compiler.load_compiled_function(
                     io.BytesIO(payload), f_globals=self.fn.__globals__, external_data=_closure_data(self.fn)
                 )
-            entry = _Entry(compiled, self.fn, args)
+            entry = _Entry(compiled, self.fn)
             if not entry.serves(args):
                 raise ValueError("its guards reject these inputs")
         except Exception as e:  # a torn, corrupt or incompatible artifact is only a miss
@@ -954,7 +960,7 @@ class CachedCompile:
             else:
                 store.write(key, payload)
                 log.debug("ftrain cache: %s saved to %s", _name(self.fn), store.path(key))
-        return _Entry(compiled, self.fn, args)
+        return _Entry(compiled, self.fn)
 
 
 def _portable_guards(entries: list) -> list[bool]:
