@@ -20,7 +20,8 @@ Each row: tokens/s over steady steps (warmup and compile excluded; timed with CU
 MFU (FLOPs per token as nanoGPT counts them, ``6 N + 12 L d T`` with N the non-embedding params,
 over the GPU's dense bf16 peak, looked up by its name), peak memory
 (``torch.cuda.max_memory_allocated`` over the steady steps), compile time (first step minus a
-steady one), and the graphs and graph breaks dynamo reported.
+steady one; ftrain's steps compile into a fresh step cache, so this is a cold compile), and the
+graphs and graph breaks dynamo reported.
 
 The jobs share a time budget (``--budget``, 460 s): each runs under the time left, less 45 s for
 every job after it, and is killed with all it started when that runs out (its row then says so);
@@ -583,9 +584,20 @@ def main(argv: list[str] | None = None) -> int:
         "jobs": jobs,
         "runs": {},
     }
-    child_env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    if args.dry_run:
-        child_env["OMP_NUM_THREADS"] = "1"  # on a shared CPU, spinning OpenMP threads slow tiny steps 10-30x
+    # ftrain's steps compile here, not load from an earlier run's step cache: a fresh one, removed after.
+    with tempfile.TemporaryDirectory(prefix="ftrain-gpu-cache-") as step_cache:
+        child_env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+            "FTRAIN_CACHE_DIR": step_cache,
+        }
+        if args.dry_run:
+            child_env["OMP_NUM_THREADS"] = "1"  # on a shared CPU, spinning OpenMP threads slow tiny steps 10-30x
+        return run_jobs(report, jobs, args, c, flops, child_env)
+
+
+def run_jobs(report: dict, jobs: list[str], args: argparse.Namespace, c: GPTConfig, flops: int, child_env: dict) -> int:
+    """Run each job in its own process under the time left; 0 if every check holds."""
     start = time.monotonic()
     for i, job in enumerate(jobs):
         left = args.budget - (time.monotonic() - start) - RESERVE_S * (len(jobs) - i - 1)

@@ -100,7 +100,7 @@ def test_a_diverged_member_is_frozen_and_masked_without_recompiling():
     state = sweep.deactivate(state, [0])
     state, _ = step(state, batches[0])
     assert state.members.step.tolist() == [frozen[0], frozen[1], frozen[2] + 1]
-    assert step.num_compiles == 1
+    assert step.num_compiles + step.num_loads == 1  # (compiled here, or served by the step cache)
 
 
 def test_best_member_comes_back_as_an_ordinary_train_state():

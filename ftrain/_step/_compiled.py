@@ -140,6 +140,15 @@ class _Step:
         """How many graphs were compiled for this step in this process (1 after the first call, 0 if it came from the cache)."""
         return sum(c.count for c in self._counters)
 
+    @property
+    def num_loads(self) -> int:
+        """How many compiled graphs this step loaded from the persistent cache in this process.
+
+        ``num_compiles + num_loads`` is the number of graphs the step has run: 1 for a step
+        whose every call had the same kind of inputs, whether it compiled or was served warm.
+        """
+        return sum(c.hits for c in self._counters if isinstance(c, CachedCompile))
+
     def _compile(self, fn: Callable) -> Callable:
         if self.cache and self.fullgraph:  # served from the persistent cache, or compiled ahead of time and saved there
             cached = CachedCompile(own_code(fn), backend=self._backend, scope=Settings)
@@ -292,7 +301,7 @@ class TrainStep(_Step):
     """``train_step(state, batch) -> (new_state, metrics)``: pure; ``train_step.donate`` reuses memory.
 
     Made by :func:`make_train_step` or :func:`compile_step`. ``metrics`` is a dict of 0-d tensors
-    (no host sync). Attributes: ``core`` (the uncompiled pure function), ``num_compiles``.
+    (no host sync). Attributes: ``core`` (the uncompiled pure function), ``num_compiles``, ``num_loads``.
     """
 
     kind = "train_step"
