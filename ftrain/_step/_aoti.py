@@ -18,11 +18,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import itertools
 import os
 import pickle
 import tempfile
+import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +100,7 @@ def build(
     else the compiler's output depends on, and ``options``): a step whose key changed but whose
     graph did not (an edited comment, a new cache directory with this one shared) is only traced.
     """
+    import torch._inductor.codecache  # noqa: F401  (imported here, not by the probes' thread)
     from torch._export.utils import _compiling_state_context
     from torch.fx.experimental.proxy_tensor import make_fx
 
@@ -108,6 +111,7 @@ def build(
     where = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor)]
     tensors = [leaves[i] for i in where]
     traced: dict[str, Any] = {}
+    probes = _Background(_probe_vector_isas)  # (meanwhile: the trace is Python, the probes compilers)
 
     def flat(*inputs: torch.Tensor) -> tuple:
         full = list(leaves)
@@ -126,6 +130,8 @@ def build(
             gm = make_fx(flat, tracing_mode="fake")(*tensors)
         except Exception as e:
             raise NotCompilable(f"make_fx could not trace it ({_first_line(e)})") from e
+        finally:
+            probes.join()
     captured = _inline_constants(gm)
     if captured:
         raise NotCompilable(f"it captures tensors that are not its inputs ({', '.join(captured[:3])}): "
@@ -139,6 +145,14 @@ def build(
     write_atomically(so_path, data)
     metadata = hashlib.blake2b(data, digest_size=32).digest() + metadata
     return load(so_path, metadata, args), metadata
+
+
+def _probe_vector_isas() -> None:
+    """Inductor's check of the CPU's vector instruction sets (in a fresh process and cache: ~1.5 s of test builds)."""
+    from torch._inductor.cpu_vec_isa import valid_vec_isa_list
+
+    with contextlib.suppress(Exception):  # (inductor probes again, and says what failed)
+        valid_vec_isa_list()  # (cached for the process)
 
 
 def _inline_constants(gm: torch.fx.GraphModule) -> list[str]:
@@ -203,12 +217,75 @@ def _compile(gm: torch.fx.GraphModule, tensors: list, options: dict, scratch: Pa
         # (A fresh metadata dict: AOTInductor fills in the one it is given, by default the config's own.)
         options = {**options, "aot_inductor.output_path": str(out), "aot_inductor.metadata": {}}
         try:
-            torch._inductor.aot_compile(gm, tuple(tensors), options=options)
+            with _wrapper_beside_kernels():
+                torch._inductor.aot_compile(gm, tuple(tensors), options=options)
         except Exception as e:
             raise NotCompilable(f"AOTInductor failed ({_first_line(e)})") from e
         if _needs_proxy_executor(Path(tmp)):
             raise NotCompilable("it calls ops the C++ runner can only reach through Python (no C shim)")
         return out.read_bytes()
+
+
+@contextlib.contextmanager
+def _wrapper_beside_kernels() -> Iterator[None]:
+    """Compile the library's C++ wrapper and its kernels at once, not one after the other.
+
+    AOTInductor builds the wrapper's object file (the larger: ~7 s for a small step), then the
+    kernels' (~3 s), then links. Here this thread's first object build runs in the background
+    while the second runs, and the second returns only when both are done: the link, and all
+    inductor does between the builds, see what the sequential builds would have left.
+    """
+    from torch._inductor.cpp_builder import CppBuilder
+
+    build, me, builds = CppBuilder.build, threading.get_ident(), itertools.count()
+    wrapper: list[_Background] = []  # the first object build, while it runs
+
+    def overlapped(self: CppBuilder) -> None:
+        if threading.get_ident() != me:
+            return build(self)
+        if not self.get_target_file_path().endswith(".o"):  # (a link: the objects must be there)
+            if wrapper:
+                wrapper.pop().join()
+            return build(self)
+        n = next(builds)
+        if n == 0:  # (the wrapper: started, and this returns at once)
+            wrapper.append(_Background(build, self))
+            return None
+        try:
+            return build(self)
+        finally:
+            if n == 1:
+                wrapper.pop().join()
+
+    CppBuilder.build = overlapped
+    try:
+        yield
+    finally:
+        CppBuilder.build = build
+        if wrapper:
+            wrapper.pop().join()  # (a wrapper no second build joined)
+
+
+class _Background(threading.Thread):
+    """``fn(*args)`` in a thread; :meth:`join` waits and raises what it raised."""
+
+    def __init__(self, fn: Callable, *args: Any):
+        super().__init__(daemon=True)
+        self._call, self._error = (fn, args), None
+        self.start()
+
+    def run(self) -> None:
+        fn, args = self._call
+        try:
+            fn(*args)
+        except BaseException as e:
+            self._error = e
+
+    def join(self, timeout: float | None = None) -> None:
+        super().join(timeout)
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
 
 
 def write_atomically(path: Path, data: bytes) -> None:
