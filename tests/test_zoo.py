@@ -20,7 +20,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -71,6 +74,33 @@ def trained(request) -> Trained:
 def graphs(step: ftrain.TrainStep | ftrain.EvalStep) -> int:
     """The graphs a step has run in this process: compiled here, or loaded from the step cache."""
     return step.num_compiles + step.num_loads
+
+
+_KEYS = """
+import ftrain, zoo_models
+from ftrain._step._cache import step_key_of
+for model in zoo_models.TRANSFORMERS:
+    step = ftrain.make_train_step(model.loss_fn)
+    state = ftrain.TrainState.create(model.build(0), ftrain.optim.adamw(1e-3))
+    print(model.name, step_key_of(step.core, (state, model.batches(1)[0]), {}))
+"""
+
+
+def test_every_models_cache_key_is_the_same_in_another_process():
+    # Python salts str hashes per process, and transformers' GenerationConfig keeps one: a key that
+    # read it would differ in every run, and GPT-2, Llama and T5 would never start warm.
+    tests = str(Path(__file__).parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])}
+    runs = [
+        subprocess.run([sys.executable, "-c", _KEYS], env={**env, "PYTHONHASHSEED": seed}, capture_output=True,
+                       text=True, timeout=300)
+        for seed in ("1", "2")
+    ]  # fmt: skip
+    for run in runs:
+        assert run.returncode == 0, run.stderr[-3000:]
+    keys = [dict(line.split() for line in run.stdout.splitlines()) for run in runs]
+    assert sorted(keys[0]) == sorted(m.name for m in zoo_models.TRANSFORMERS)
+    assert keys[0] == keys[1]
 
 
 def plain_pytorch_losses(model: zoo_models.ZooModel, batches: list) -> list[float]:

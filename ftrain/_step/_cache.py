@@ -152,6 +152,9 @@ _BY_REPR = (torch.dtype, torch.device, torch.layout, torch.memory_format, torch.
 _SKIP_CLASS_ATTRS = frozenset({"__dict__", "__weakref__", "__doc__", "__module__", "__qualname__", "__annotations__",
                                "__slots__", "__parameters__", "__orig_bases__", "__firstlineno__", "__static_attributes__",
                                "__dataclass_fields__", "__dataclass_params__", "__match_args__", "_abc_impl"})  # fmt: skip
+# Instance attributes that differ from process to process and change nothing a step traces:
+# transformers' GenerationConfig keeps the str hash of its own fields (salted per process).
+_PER_PROCESS_ATTRS = {"transformers.generation.configuration_utils.GenerationConfig": ("_original_object_hash",)}
 _MAX_NODES = 200_000
 _HEAP_TYPE = 1 << 9  # Py_TPFLAGS_HEAPTYPE: a class defined by a class statement (or type())
 
@@ -351,7 +354,8 @@ class _Hasher:
                 return self._put(repr(obj))
             raise Unfingerprintable(f"a {_qualname(cls)} object has no attributes to fingerprint it by")
         if isinstance(state, dict):
-            self.add(state)
+            skip = [name for c in cls.__mro__ for name in _PER_PROCESS_ATTRS.get(_qualname(c), ())]
+            self.add({k: v for k, v in state.items() if k not in skip} if skip else state)
         for name in slots:
             self._put("slot", name)
             self.add(getattr(obj, name, "<unset>"))
