@@ -131,10 +131,18 @@ class TrainState:
 
     def replace(self, **changes: Any) -> TrainState:
         """A new state with the given fields changed (``dataclasses.replace``)."""
-        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if torch.compiler.is_compiling():  # (dynamo traces the dataclass way; a bad name fails in __init__)
+            return dataclasses.replace(self, **changes)
+        names, plain = _REPLACEABLE.get(type(self)) or _replaceable(type(self))
+        unknown = changes.keys() - names
         if unknown:
             raise TypeError(f"{type(self).__name__}.replace got unknown fields {sorted(unknown)}")
-        return dataclasses.replace(self, **changes)
+        if not plain:
+            return dataclasses.replace(self, **changes)
+        new = object.__new__(type(self))  # (what dataclasses.replace does, less __init__'s per-field setattr)
+        new.__dict__.update(self.__dict__)
+        new.__dict__.update(changes)
+        return new
 
     def apply_gradients(self, grads: Any, **changes: Any) -> TrainState:
         """One optimizer step: a new state with updated params, opt_state and ``step + 1``.
@@ -143,17 +151,19 @@ class TrainState:
         ``requires_grad=False`` when the state was created, which are never updated). Extra
         keyword arguments replace other fields in the same call (e.g. ``buffers=new_buffers``).
         """
+        if torch.is_grad_enabled():  # (steps call it with grad off already: no context to enter)
+            with torch.no_grad():
+                return self.apply_gradients(grads, **changes)
         params = trainable(self.apply_fn, self.params)
         names = ["params" if params is self.params else "trainable params", "grads"]
         tree.assert_same_structure(params, grads, names=names)
-        with torch.no_grad():
-            # Eager, the named optimizers apply themselves in torch.optim's kernels (None: they cannot here).
-            fused = self.tx.fused_apply(grads, self.opt_state, params) if self.tx.fused_apply is not None else None
-            if fused is None:
-                updates, opt_state = self.tx.update(grads, self.opt_state, params)
-                updated = apply_updates(params, updates)
-            else:
-                updated, opt_state = fused
+        # Eager, the named optimizers apply themselves in torch.optim's kernels (None: they cannot here).
+        fused = self.tx.fused_apply(grads, self.opt_state, params) if self.tx.fused_apply is not None else None
+        if fused is None:
+            updates, opt_state = self.tx.update(grads, self.opt_state, params)
+            updated = apply_updates(params, updates)
+        else:
+            updated, opt_state = fused
         if params is not self.params:  # frozen params: kept as they are, in their places
             updated = {name: updated.get(name, p) for name, p in self.params.items()}
         return self.replace(step=self.step + 1, params=updated, opt_state=opt_state, **changes)
@@ -189,6 +199,24 @@ def _immutable_delattr(self: TrainState, name: str) -> None:
 
 
 _BASE_FIELDS = {"step", "params", "buffers", "opt_state", "key", "apply_fn", "tx"}
+
+
+_REPLACEABLE: dict[type, tuple[frozenset[str], bool]] = {}
+
+
+def _replaceable(cls: type) -> tuple[frozenset[str], bool]:
+    """``cls``'s field names, and whether a copy of its ``__dict__`` is all ``dataclasses.replace`` would do.
+
+    It is unless the class has a ``__post_init__``, a field with ``init=False`` or slots.
+    """
+    fields = dataclasses.fields(cls)
+    plain = (
+        not hasattr(cls, "__post_init__")
+        and all(f.init for f in fields)
+        and not any("__slots__" in vars(c) for c in cls.__mro__)
+    )
+    _REPLACEABLE[cls] = (frozenset(f.name for f in fields), plain)
+    return _REPLACEABLE[cls]
 
 
 def _layout(cls: type) -> tuple[tuple[str, ...], tuple[str, ...]]:

@@ -58,6 +58,27 @@ def test_mutation_raises_and_replace_returns_new():
         state.replace(nope=1)
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class CheckedState(ftrain.TrainState):
+    checks: int = 0
+
+    def __post_init__(self):
+        object.__setattr__(self, "checks", self.checks + 1)
+
+
+def test_replace_of_a_subclass_keeps_its_fields_and_runs_its_post_init():
+    state = EMAState.create(bn_net(), plain_sgd(0.1), ema={"w": torch.ones(2)})
+    new = state.replace(step=state.step + 1)
+    assert type(new) is EMAState and new.ema is state.ema and new.apply_fn is state.apply_fn
+    assert {f.name: getattr(new, f.name) for f in dataclasses.fields(new) if f.name != "step"} == {
+        f.name: getattr(state, f.name) for f in dataclasses.fields(state) if f.name != "step"
+    }
+    with pytest.raises(TypeError, match=r"EMAState.replace got unknown fields \['emma'\]"):
+        state.replace(emma={})
+    checked = CheckedState.create(bn_net(), plain_sgd(0.1))
+    assert checked.checks == 1 and checked.replace(step=checked.step + 1).checks == 2  # (as dataclasses.replace)
+
+
 def test_apply_gradients_is_pure():
     state = ftrain.TrainState.create(bn_net(), plain_sgd(0.5))
     before = tree.map(torch.clone, state)
