@@ -452,3 +452,41 @@ def test_a_library_serves_only_inputs_laid_out_as_it_was_built_for_then_a_dynami
         bigger = torch.randn(n, 3)
         assert torch.allclose(step(bigger, w), affine(bigger, w))
     assert step.count == 4 and isinstance(step._entries[-1], _cache._Entry)
+
+
+def test_an_eval_steps_library_takes_any_batch_size_of_two_or_more_in_this_process_and_the_next(tmp_path, monkeypatch):
+    # An evaluation's splits and its last, partial batch are new batch sizes: one build serves them.
+    monkeypatch.setenv("FTRAIN_CACHE_DIR", str(tmp_path))
+    state, _ = cache_worker.build()
+    eager = ftrain.make_eval_step(cache_worker.loss_fn, compile=False)
+    g = torch.Generator().manual_seed(2)
+    batches = [(torch.randn(n, 8, generator=g), torch.randint(0, 3, (n,), generator=g)) for n in (269, 270, 2, 1)]
+    for new in (True, False):
+        eval_step = ftrain.make_eval_step(cache_worker.loss_fn)
+        results = [eval_step(state, batch) for batch in batches[:3]]
+        assert (eval_step.num_compiles, eval_step.num_loads) == ((1, 0) if new else (0, 1))
+        for batch, metrics in zip(batches, results):
+            torch.testing.assert_close(metrics, eager(state, batch))
+        # One row has no batch size to vary (a size-1 dim broadcasts): a library of its own.
+        torch.testing.assert_close(eval_step(state, batches[3]), eager(state, batches[3]))
+        assert (eval_step.num_compiles, eval_step.num_loads) == ((2, 0) if new else (0, 2))
+    assert len(list((tmp_path / "steps").rglob("*.so"))) == 2
+
+
+def by_parity(w, batch):
+    return batch @ w if batch.shape[0] % 2 == 0 else -(batch @ w)  # (the batch size decides the graph)
+
+
+def test_a_step_whose_graph_depends_on_the_batch_size_gets_a_library_per_size_and_the_cache_remembers_why(
+    tmp_path, caplog
+):
+    w = torch.randn(3, 2)
+    step = CachedCompile(by_parity, directory=tmp_path, any_batch_size=True)
+    with caplog.at_level(logging.DEBUG, logger=_cache.__name__):
+        for n in (4, 5):
+            x = torch.randn(n, 3)
+            assert torch.equal(step(w, x), by_parity(w, x))
+    assert "not built into a library for any batch size: its trace depends on the batch size" in caplog.text
+    assert step.count == 2 and all(not entry.dynamic for entry in step._entries)
+    again = CachedCompile(by_parity, directory=tmp_path, any_batch_size=True)
+    assert again.prepare(w, torch.ones(4, 3)) and again._no_any_size is not None  # (remembered: not traced again)

@@ -32,7 +32,7 @@ import torch
 
 from .. import tree
 
-__all__ = ["MISS", "Library", "NotCompilable", "build", "load", "unsupported", "write_atomically"]
+__all__ = ["MISS", "Library", "NotCompilable", "batch_leaves", "build", "load", "unsupported", "write_atomically"]
 
 MISS = object()
 """What :meth:`Library.call` returns for inputs it was not built for."""
@@ -59,26 +59,43 @@ def unsupported(leaves: list) -> str | None:
     return None
 
 
-def _signature(leaves: list) -> list:
-    return [(x.shape, x.stride(), x.dtype, x.device) if isinstance(x, torch.Tensor) else x for x in leaves]
+def _signature(leaves: list, dynamic: tuple[int, ...] = ()) -> list:
+    """What a library checks of its inputs: each tensor's shape (less a ``dynamic`` one's first dim),
+    strides, dtype and device; the other leaves themselves."""
+    return [
+        ((x.shape[1:] if i in dynamic else x.shape), x.stride(), x.dtype, x.device)
+        if isinstance(x, torch.Tensor)
+        else x
+        for i, x in enumerate(leaves)
+    ]
+
+
+def _one_batch_size(leaves: list, dynamic: tuple[int, ...]) -> bool:
+    sizes = {leaves[i].shape[0] for i in dynamic}
+    return len(sizes) == 1 and sizes.pop() >= 2
 
 
 class Library:
     """A loaded step library: ``call(args)`` runs it, or returns :data:`MISS` for inputs it was not planned for."""
 
-    __slots__ = ("runner", "spec", "signature", "out_spec", "out_slots")
+    __slots__ = ("runner", "spec", "signature", "out_spec", "out_slots", "dynamic")
 
-    def __init__(self, runner: Any, leaves: list, spec: Any, out_spec: Any, out_slots: list):
-        self.runner, self.spec, self.signature = runner, spec, _signature(leaves)
+    def __init__(self, runner: Any, leaves: list, spec: Any, out_spec: Any, out_slots: list, dynamic: tuple = ()):
+        self.runner, self.spec, self.dynamic = runner, spec, dynamic
+        self.signature = _signature(leaves, dynamic)
         self.out_spec, self.out_slots = out_spec, out_slots
 
     def serves(self, args: tuple) -> bool:
-        leaves, spec = tree.traced_flatten(args)
-        return spec == self.spec and _signature(leaves) == self.signature
+        return self._fits(*tree.traced_flatten(args))
+
+    def _fits(self, leaves: list, spec: Any) -> bool:
+        if spec != self.spec or _signature(leaves, self.dynamic) != self.signature:
+            return False
+        return not self.dynamic or _one_batch_size(leaves, self.dynamic)
 
     def call(self, args: tuple) -> Any:
         leaves, spec = tree.traced_flatten(args)
-        if spec != self.spec or _signature(leaves) != self.signature:
+        if not self._fits(leaves, spec):
             return MISS
         outs = self.runner.run([x for x in leaves if isinstance(x, torch.Tensor)])
         return tree.traced_unflatten(self.out_spec, [outs[s] if type(s) is int else s[0] for s in self.out_slots])
@@ -91,7 +108,14 @@ class Library:
 
 
 def build(
-    fn: Callable, args: tuple, so_path: Path, *, graphs: Path, salt: str = "", options: dict | None = None
+    fn: Callable,
+    args: tuple,
+    so_path: Path,
+    *,
+    graphs: Path,
+    salt: str = "",
+    options: dict | None = None,
+    dynamic: tuple[int, ...] = (),
 ) -> tuple[Library, bytes]:
     """Trace ``fn(*args)``, compile it to ``so_path`` and load it: ``(library, metadata)``; raises :class:`NotCompilable`.
 
@@ -99,6 +123,8 @@ def build(
     ``graphs`` is a directory of libraries by the traced graph they compile (plus ``salt``: what
     else the compiler's output depends on, and ``options``): a step whose key changed but whose
     graph did not (an edited comment, a new cache directory with this one shared) is only traced.
+    ``dynamic``: the flat leaves (see :func:`batch_leaves`) whose first dim is compiled as a size
+    the library takes at each call (a batch size, 2 or more, the same for all of them).
     """
     import torch._inductor.codecache  # noqa: F401  (imported here, not by the probes' thread)
     from torch._export.utils import _compiling_state_context
@@ -112,6 +138,7 @@ def build(
     tensors = [leaves[i] for i in where]
     traced: dict[str, Any] = {}
     probes = _Background(_probe_vector_isas)  # (meanwhile: the trace is Python, the probes compilers)
+    inputs, shape_env = _symbolic(leaves, where, dynamic) if dynamic else (tensors, None)
 
     def flat(*inputs: torch.Tensor) -> tuple:
         full = list(leaves)
@@ -127,24 +154,78 @@ def build(
     with _compiling_state_context(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            gm = make_fx(flat, tracing_mode="fake")(*tensors)
+            gm = make_fx(flat, tracing_mode="fake")(*inputs)
         except Exception as e:
             raise NotCompilable(f"make_fx could not trace it ({_first_line(e)})") from e
         finally:
             probes.join()
+    if shape_env is not None:
+        _check_batch_size_free(shape_env, traced["slots"])
     captured = _inline_constants(gm)
     if captured:
         raise NotCompilable(f"it captures tensors that are not its inputs ({', '.join(captured[:3])}): "
                             "their values would be compiled into the library")  # fmt: skip
-    metadata = _dump_outputs(traced["spec"], traced["slots"], spec)
-    graph = hashlib.blake2b(repr((salt, options, gm.code, _signature(tensors))).encode(), digest_size=20).hexdigest()
+    metadata = _dump_outputs(traced["spec"], traced["slots"], spec, dynamic)
+    signature = [sig for sig, x in zip(_signature(leaves, dynamic), leaves) if isinstance(x, torch.Tensor)]
+    graph = hashlib.blake2b(repr((salt, options, gm.code, signature)).encode(), digest_size=20).hexdigest()
     data = _compiled_before(graphs / f"{graph}.so")
     if data is None:
-        data = _compile(gm, tensors, options or {}, scratch=graphs)
+        data = _compile(gm, inputs, options or {}, scratch=graphs)
         write_atomically(graphs / f"{graph}.so", data)
     write_atomically(so_path, data)
     metadata = hashlib.blake2b(data, digest_size=32).digest() + metadata
     return load(so_path, metadata, args), metadata
+
+
+def batch_leaves(args: tuple) -> tuple[int, ...]:
+    """The flat leaves of ``args = (state, batch, ...)`` a library could take any batch size of.
+
+    The tensors of ``args[1]`` whose first dim is the batch's (that of its first tensor, 2 or
+    more) and that are contiguous (so their strides do not depend on it); ``()`` for none.
+    """
+    if len(args) < 2:
+        return ()
+    before = len(tree.traced_leaves(args[0]))
+    batch = [(before + i, x) for i, x in enumerate(tree.traced_leaves(args[1])) if isinstance(x, torch.Tensor)]
+    if not batch or batch[0][1].dim() == 0 or batch[0][1].shape[0] < 2:
+        return ()
+    size = batch[0][1].shape[0]
+    return tuple(i for i, x in batch if x.dim() > 0 and x.shape[0] == size and x.is_contiguous())
+
+
+def _symbolic(leaves: list, where: list[int], dynamic: tuple[int, ...]) -> tuple[list, Any]:
+    """Fake tensors for the tensor leaves, the first dim of the ``dynamic`` ones a symbol; and their shape env."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+
+    shape_env = ShapeEnv()
+    mode = FakeTensorMode(shape_env=shape_env)
+
+    def fake(i: int) -> torch.Tensor:
+        x = leaves[i]
+        dims = [DimDynamic.DYNAMIC if i in dynamic and d == 0 else DimDynamic.STATIC for d in range(x.dim())]
+        return mode.from_tensor(x, symbolic_context=StatelessSymbolicContext(dynamic_sizes=dims))
+
+    return [fake(i) for i in where], shape_env
+
+
+def _check_batch_size_free(shape_env: Any, slots: list) -> None:
+    """Refuse a trace that assumed more of the batch size than that it is one size (2 or more)."""
+    import sympy
+    from torch.utils._sympy.numbers import int_oo
+
+    for guard in shape_env.guards:
+        expr = guard.expr
+        if not (isinstance(expr, sympy.Eq) and all(isinstance(a, sympy.Symbol) for a in expr.args)):
+            raise NotCompilable(f"its trace depends on the batch size ({expr})")
+    for symbol, value in shape_env.replacements.items():
+        if not isinstance(value, sympy.Symbol):
+            raise NotCompilable(f"its trace fixes the batch size ({symbol} = {value})")
+    for symbol, bounds in shape_env.var_to_range.items():
+        if bounds.lower > 2 or bounds.upper != int_oo:
+            raise NotCompilable(f"its trace bounds the batch size ({symbol} in {bounds})")
+    if any(type(s) is tuple and isinstance(s[0], torch.SymInt | torch.SymFloat | torch.SymBool) for s in slots):
+        raise NotCompilable("it returns a number computed from the batch size")
 
 
 def _probe_vector_isas() -> None:
@@ -309,9 +390,9 @@ def load(so_path: Path, metadata: bytes, args: tuple) -> Library:
     if hashlib.blake2b(so_path.read_bytes(), digest_size=32).digest() != digest:
         raise ValueError(f"{so_path} does not match its checksum: truncated or replaced")
     leaves, spec = tree.traced_flatten(args)
-    out_spec, out_slots = _load_outputs(rest, spec)
+    out_spec, out_slots, dynamic = _load_outputs(rest, spec)
     runner = torch._C._aoti.AOTIModelContainerRunnerCpu(str(so_path), 1)
-    return Library(runner, leaves, spec, out_spec, out_slots)
+    return Library(runner, leaves, spec, out_spec, out_slots, dynamic)
 
 
 def _first_line(e: Exception) -> str:
@@ -397,18 +478,18 @@ def _treespec(nested: tuple | None) -> Any:
     return _NODE(kind, context, [_treespec(c) for c in children])
 
 
-def _dump_outputs(out_spec: Any, slots: list, in_spec: Any) -> bytes:
+def _dump_outputs(out_spec: Any, slots: list, in_spec: Any, dynamic: tuple[int, ...]) -> bytes:
     f = io.BytesIO()
     try:
-        _Pickler(f, {id(obj): i for i, obj in enumerate(_objects(in_spec))}).dump((_nested(out_spec), slots))
+        _Pickler(f, {id(obj): i for i, obj in enumerate(_objects(in_spec))}).dump((_nested(out_spec), slots, dynamic))
     except Exception as e:
         raise NotCompilable(f"its output structure cannot be saved ({type(e).__name__}: {e})") from e
     return f.getvalue()
 
 
-def _load_outputs(data: bytes, in_spec: Any) -> tuple[Any, list]:
+def _load_outputs(data: bytes, in_spec: Any) -> tuple[Any, list, tuple[int, ...]]:
     try:
-        nested, slots = _Unpickler(io.BytesIO(data), _objects(in_spec)).load()
-        return _treespec(nested), slots
+        nested, slots, dynamic = _Unpickler(io.BytesIO(data), _objects(in_spec)).load()
+        return _treespec(nested), slots, dynamic
     except Exception as e:
         raise ValueError(f"its output structure could not be read ({type(e).__name__}: {e})") from e

@@ -49,7 +49,7 @@ __all__ = ["CachedCompile", "Unfingerprintable", "cache_dir", "fingerprint", "st
 log = logging.getLogger(__name__)
 
 # Bumped whenever the key or the file layout changes meaning: old entries then simply miss.
-FORMAT = 2
+FORMAT = 3
 _MAGIC = b"ftrain-step\n"
 _LOCK_TIMEOUT_S = 600.0  # a compile that takes longer than this is not waited for
 
@@ -676,6 +676,16 @@ class _Entry:
         return len(args) == len(self._names) and self._guards.check({**self._locals, **dict(zip(self._names, args))})
 
 
+def _any_size(args: tuple, dynamic: tuple[int, ...]) -> tuple:
+    """``args`` for the key of a library that takes any batch size: its ``dynamic`` leaves cut to 2 rows."""
+    if not dynamic:
+        return args
+    leaves, spec = tree.traced_flatten(args)
+    for i in dynamic:
+        leaves[i] = leaves[i][:2]
+    return tree.traced_unflatten(spec, leaves)
+
+
 def _shapes(args: tuple) -> list:
     return [tuple(x.shape) if isinstance(x, torch.Tensor) else None for x in tree.traced_leaves(args)]
 
@@ -735,9 +745,11 @@ class CachedCompile:
         options: dict | None = None,
         directory: Path | str | None = None,
         scope: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+        any_batch_size: bool = False,
     ):
         self.fn = fn
         self.scope = scope
+        self.any_batch_size = any_batch_size
         self.backend = backend
         self.fullgraph = fullgraph
         self.options = dict(options or {})
@@ -749,6 +761,7 @@ class CachedCompile:
         self._last: _Entry | _aoti.Library | None = None
         self._fallback: Callable | None = None
         self._no_library: str | None = None  # why fn cannot be built into a library
+        self._no_any_size: str | None = None  # why not into one that takes any batch size
 
     def __call__(self, *args: Any) -> Any:
         last = self._last
@@ -850,31 +863,50 @@ class CachedCompile:
         )
 
     def _new_library(self, args: tuple, *, compile: bool) -> _aoti.Library | None | object:
-        """The library for ``args``: loaded, built (``compile``), ``None`` (not built yet) or ``_UNBUILDABLE``."""
+        """The library for ``args``: loaded, built (``compile``), ``None`` (not built yet) or ``_UNBUILDABLE``.
+
+        With ``any_batch_size``, first one whose batch size is a runtime size (see ``_aoti.build``).
+        """
+        dynamic = _aoti.batch_leaves(args) if self.any_batch_size and self._no_any_size is None else ()
+        if dynamic:
+            library = self._library_for(args, dynamic, compile=compile)
+            if library is not _UNBUILDABLE:
+                return library
+        return self._library_for(args, (), compile=compile)
+
+    def _library_for(self, args: tuple, dynamic: tuple[int, ...], *, compile: bool) -> _aoti.Library | None | object:
         try:
-            key = step_key_of(self.fn, args, {"tier": "library"})
+            key = step_key_of(self.fn, _any_size(args, dynamic), {"tier": "library", "any_batch_size": dynamic})
         except Exception:  # (Unfingerprintable, or attributes that raise: the dynamo tier says why)
             return _UNBUILDABLE
         store = self._store()
-        library = self._load_library(store, key, args)
+        library = self._load_library(store, key, args, dynamic)
         if library is None and compile:
             with store.lock(key):
-                library = self._load_library(store, key, args)  # another process may have built it meanwhile
+                library = self._load_library(store, key, args, dynamic)  # another process may have built it meanwhile
                 if library is None:
-                    library = self._build_library(store, key, args)
+                    library = self._build_library(store, key, args, dynamic)
         if isinstance(library, _aoti.Library):
             self._add(library, args)
         return library
 
-    def _load_library(self, store: _Store, key: str, args: tuple) -> _aoti.Library | None | object:
+    def _refused(self, dynamic: tuple[int, ...], reason: str) -> object:
+        if dynamic:
+            self._no_any_size = reason  # (a library for each batch size, then)
+        else:
+            self._no_library = reason
+        return _UNBUILDABLE
+
+    def _load_library(
+        self, store: _Store, key: str, args: tuple, dynamic: tuple[int, ...]
+    ) -> _aoti.Library | None | object:
         path = store.path(key, ".lib")
         try:
             metadata = store.read(key, ".lib")
             if metadata is None:
                 return None
             if metadata.startswith(_UNBUILDABLE_MARK):
-                self._no_library = metadata[len(_UNBUILDABLE_MARK) :].decode(errors="replace")
-                return _UNBUILDABLE
+                return self._refused(dynamic, metadata[len(_UNBUILDABLE_MARK) :].decode(errors="replace"))
             path = store.path(key, ".so")
             library = _aoti.load(path, metadata, args)
         except Exception as e:  # a torn, corrupt or incompatible library is only a miss
@@ -884,20 +916,20 @@ class CachedCompile:
         log.debug("ftrain cache: %s served from %s", _name(self.fn), store.path(key, ".so"))
         return library
 
-    def _build_library(self, store: _Store, key: str, args: tuple) -> _aoti.Library | object:
+    def _build_library(self, store: _Store, key: str, args: tuple, dynamic: tuple[int, ...]) -> _aoti.Library | object:
         so = store.path(key, ".so")
         try:
             with self.scope(), store.inductor_dir():
                 library, metadata = _aoti.build(
                     self.fn, args, so, graphs=store.inductor / "libraries", salt=fingerprint(_compiler_environment()),
-                    options=_LIBRARY_OPTIONS,
+                    options=_LIBRARY_OPTIONS, dynamic=dynamic,
                 )  # fmt: skip
         except _aoti.NotCompilable as e:
-            # Remembered, so later processes go to the dynamo tier at once.
-            log.debug("ftrain cache: %s is not built into a library: %s", _name(self.fn), e)
-            self._no_library = str(e)
+            # Remembered, so later processes go to the dynamo tier (or a library per size) at once.
+            log.debug("ftrain cache: %s is not built into a library%s: %s", _name(self.fn),
+                      " for any batch size" if dynamic else "", e)  # fmt: skip
             store.write(key, _UNBUILDABLE_MARK + str(e).encode(), ".lib")
-            return _UNBUILDABLE
+            return self._refused(dynamic, str(e))
         self.count += 1
         store.write(key, metadata, ".lib")
         log.debug("ftrain cache: %s built into %s", _name(self.fn), so)

@@ -109,6 +109,7 @@ class _CountingBackend:
 class _Step:
     kind = "step"
     _train_mode = True
+    _any_batch_size = False  # (a cached library of it takes any batch size, when new shapes recompile)
 
     def __init__(
         self,
@@ -151,7 +152,8 @@ class _Step:
 
     def _compile(self, fn: Callable) -> Callable:
         if self.cache and self.fullgraph:  # served from the persistent cache, or compiled ahead of time and saved there
-            cached = CachedCompile(own_code(fn), backend=self._backend, scope=Settings)
+            any_size = self._any_batch_size and self.new_shapes == "recompile"
+            cached = CachedCompile(own_code(fn), backend=self._backend, scope=Settings, any_batch_size=any_size)
             self._counters.append(cached)
             return cached  # (it enters the settings itself, on the path where dynamo may trace)
         counter = _CountingBackend(self._backend)
@@ -366,6 +368,7 @@ class EvalStep(_Step):
 
     kind = "eval_step"
     _train_mode = False
+    _any_batch_size = True
     mesh: Any = None  # the ftrain.Mesh that ftrain.evaluate reduces this step's metrics over (make_eval_step's)
 
     def __call__(self, state: TrainState, batch: Any) -> dict:
