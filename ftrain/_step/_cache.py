@@ -734,6 +734,9 @@ class CachedCompile:
         directory: the cache root (default :func:`cache_dir`, read at the first call).
         scope: a context manager factory entered around the calls that may trace (all but those
             a loaded function serves): the dynamo settings the trace needs, off the hot path.
+        any_batch_size: build the library with the batch's first dim as a runtime size, so it
+            serves every batch size of 2 or more (eval and predict steps); a trace that depends
+            on that size is refused and remembered, and each size gets a library as without it.
     """
 
     def __init__(
