@@ -218,6 +218,9 @@ def _check_batch_size_free(shape_env: Any, slots: list) -> None:
         expr = guard.expr
         if not (isinstance(expr, sympy.Eq) and all(isinstance(a, sympy.Symbol) for a in expr.args)):
             raise NotCompilable(f"its trace depends on the batch size ({expr})")
+    asserts = [a.expr for found in shape_env.deferred_runtime_asserts.values() for a in found]
+    if asserts:
+        raise NotCompilable(f"its trace checks the batch size ({asserts[0]})")
     for symbol, value in shape_env.replacements.items():
         if not isinstance(value, sympy.Symbol):
             raise NotCompilable(f"its trace fixes the batch size ({symbol} = {value})")
