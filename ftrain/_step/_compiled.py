@@ -147,6 +147,17 @@ class _Step:
 
         ``num_compiles + num_loads`` is the number of graphs the step has run: 1 for a step
         whose every call had the same kind of inputs, whether it compiled or was served warm.
+        An uncompiled step runs no graph.
+
+        Example:
+            >>> import torch, ftrain
+            >>> def loss_fn(apply, params, buffers, batch, key):
+            ...     out, buffers = apply(params, buffers, batch)
+            ...     return out.square().mean(), {}, buffers
+            >>> step = ftrain.make_train_step(loss_fn, compile=False)
+            >>> _ = step(ftrain.TrainState.create(torch.nn.Linear(2, 1), ftrain.optim.sgd(0.1)), torch.ones(3, 2))
+            >>> step.num_compiles, step.num_loads
+            (0, 0)
         """
         return sum(c.hits for c in self._counters if isinstance(c, CachedCompile))
 
